@@ -1,0 +1,21 @@
+# Everything a fresh machine needs goes through `make setup` (idempotent; re-runs when pyproject.toml changes).
+PY ?= python3
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: setup demo test bench lint
+setup: .setup-stamp
+.setup-stamp: pyproject.toml
+	$(PY) -m pip install -q -e '.[dev]'
+	@command -v prometheus >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus)
+	@touch $@
+
+demo: setup
+	$(PY) -m pipelines.demo
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+bench: setup
+	$(PY) benchmarks/engine_cpu.py
+	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/serve.py

@@ -1,0 +1,622 @@
+"""Generation engine: batched window encoding, media cache, continuous batching over static slot caches, streaming.
+
+Legend: S decode slots, n active slot prefix, T tokens, M media tokens, Dv visual width.
+
+One engine serves both front ends:
+* `Engine.generate(requests)`: synchronous, for Ray Data actors (runs the loop in the calling thread);
+* `Engine.stream(request)`: async iterator of text deltas, for Ray Serve (a background thread runs the loop).
+
+Each loop step: admit waiting requests into free slots -> encode the pages they need (views of all of them through the
+ViT together, in chunks of `vit_batch_views`; pages already in the feature cache, keyed by content hash, are skipped)
+-> prefill them in one batch (prompt KV written to their slots, the last image's cross-attention K/V stored in the
+slot's media buffer) -> one decode step for every active slot -> sample, detokenize, stop, free finished slots.
+
+Slot rows are independent: positions are per slot, masks are per row, so a request's output does not depend on what
+else shares the batch (tests/test_engine.py checks this against `InfiMMHD.generate` and the golden ids).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import itertools
+import logging
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import torch
+
+from .cache import KVCache, MediaKV
+from .infimm import InfiMMHD
+from .processor import ChatMessage, Processor, PromptFormat
+from .sampling import IncrementalDetokenizer, SamplingParams, make_generator, sample_tokens
+from .text import SelfAttnContext
+from .windows import PageViews, WindowConfig, normalize_views
+from .xattn import CrossAttnInputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_slots: int = 8  # sequences decoded together
+    max_seq_len: int = 1024  # prompt + new tokens per slot
+    max_views: int = 17  # views of the image a slot keeps for decoding (thumbnail + 16 windows)
+    vit_batch_views: int = 32  # views per ViT forward (bounds activation memory)
+    max_prefill_batch: int = 16  # requests prefilled together
+    feature_cache_mb: int = 1024  # LRU of encoded pages by content hash
+    cuda_graphs: bool = True  # capture decode steps on CUDA (ignored on CPU)
+    kv_bucket: int = 128  # decode attends to a multiple of this many columns (bounds graph variants)
+
+
+@dataclass
+class EncodedImage:
+    """An image already encoded elsewhere: (M, Dv) media tokens with the window encoding added (`build_media`)."""
+
+    features: torch.Tensor
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    images: list[PageViews | EncodedImage] = field(default_factory=list)  # in prompt order
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    arrival: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Timings:
+    queue_s: float = 0.0  # arrival -> admitted to a slot
+    encode_s: float = 0.0  # ViT time of the encode batch that included this request's pages (0 on a cache hit)
+    prefill_s: float = 0.0
+    ttft_s: float = 0.0  # arrival -> first token
+    decode_s: float = 0.0  # first token -> last token
+    total_s: float = 0.0
+
+
+@dataclass
+class Result:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length" | "abort"
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings
+    cached_images: int = 0  # images whose features came from the feature cache
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Delta:
+    """One streamed piece: new text (possibly empty) and, on the last one, the full result."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    result: Result | None = None
+
+
+class EngineObserver:
+    """Hooks for metrics; the default records nothing. See model/metrics.py for the Prometheus one."""
+
+    def on_encode(self, views: int, seconds: float) -> None: ...
+    def on_prefill(self, requests: int, tokens: int, seconds: float) -> None: ...
+    def on_decode_step(self, batch: int, seconds: float) -> None: ...
+    def on_finish(self, result: Result) -> None: ...
+    def on_queue(self, waiting: int, active: int) -> None: ...
+
+
+@dataclass
+class _Seq:
+    request: Request
+    sink: Callable[[Delta], None] | None
+    detok: IncrementalDetokenizer
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None = None
+    slot: int = -1
+    tokens: list[int] = field(default_factory=list)
+    media: list[torch.Tensor] = field(default_factory=list)  # (M_i, Dv) per image, held while waiting for prefill
+    timings: Timings = field(default_factory=Timings)
+    first_token_at: float = 0.0
+    cached_images: int = 0
+    finish_reason: str | None = None
+    aborted: bool = False
+
+    @property
+    def position(self) -> int:  # position (= cache column) of the last token
+        return len(self.request.prompt_ids) + len(self.tokens) - 1
+
+
+class FeatureCache:
+    """Encoded pages (ViT features with the window encoding added) by content hash, LRU, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.items: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        t = self.items.get(key)
+        if t is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.items.move_to_end(key)
+        return t
+
+    def put(self, key: str, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if key in self.items or size > self.max_bytes:
+            return
+        self.items[key] = t
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
+def content_key(page: PageViews) -> str:
+    """Hash of the views and grid: the same page cut the same way gives the same key."""
+    if getattr(page, "key", None):
+        return page.key
+    h = hashlib.blake2b(page.views.contiguous().numpy().tobytes(), digest_size=16)
+    h.update(f"{page.rows}x{page.cols}".encode())
+    page.key = h.hexdigest()
+    return page.key
+
+
+class Engine:
+    def __init__(self, model: InfiMMHD, processor: Processor, config: EngineConfig = EngineConfig(),
+                 observer: EngineObserver | None = None):  # fmt: skip
+        self.model = model.eval()
+        self.processor = processor
+        self.config = config
+        self.observer = observer or EngineObserver()
+        mc = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.max_media_tokens = config.max_views * mc.vision.tokens
+        if config.max_seq_len > mc.text.max_positions:
+            raise ValueError(f"max_seq_len={config.max_seq_len} is over the model's {mc.text.max_positions} positions")
+        S = config.max_slots
+        self.kv = KVCache(mc.text.layers, S, config.max_seq_len, mc.text.kv_heads, mc.text.head_dim,
+                          dtype=self.dtype, device=self.device)  # fmt: skip
+        self.media = MediaKV.empty(len(mc.xattn_layers), S, self.max_media_tokens, mc.xattn.heads, mc.xattn.dim_head,
+                                   dtype=self.dtype, device=self.device)  # fmt: skip
+        self.media_len = [0] * S
+        self.slot_text_time = torch.zeros(S, dtype=torch.long, device=self.device)  # 1 if the slot has an image
+        self.slot_ids = torch.arange(S, device=self.device)
+        self.slots: list[_Seq | None] = [None] * S
+        self.waiting: collections.deque[_Seq] = collections.deque()
+        self.features = FeatureCache(config.feature_cache_mb * 2**20)
+        self.default_stop = tuple(processor.stop_token_ids)
+        self._lock = threading.Lock()  # guards `waiting` and abort flags between callers and the loop thread
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._graphs = DecodeGraphs(self) if (config.cuda_graphs and self.device.type == "cuda") else None
+        self.steps = 0
+        log.info("engine: %d slots x %d tokens, KV %.2f GB, media %.2f GB, %s %s", S, config.max_seq_len,
+                 self.kv.nbytes() / 1e9, self.media.nbytes() / 1e9, self.device, self.dtype)  # fmt: skip
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
+                        config: EngineConfig = EngineConfig(), windows: WindowConfig = WindowConfig(),
+                        prompt_format: str | PromptFormat = "vicuna", observer: EngineObserver | None = None) -> "Engine":  # fmt: skip
+        from .weights import load_pretrained
+
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+        model = load_pretrained(checkpoint, dtype=dtype, device=device)
+        processor = Processor.from_pretrained(checkpoint, windows=windows, prompt=prompt_format)
+        return cls(model, processor, config, observer)
+
+    # ---- requests ---------------------------------------------------------------------------------------------------
+    def make_request(self, question: str, images: list = (), sampling: SamplingParams = SamplingParams(),
+                     request_id: str | None = None) -> Request:  # fmt: skip
+        """Question + page images (bytes, PIL images or PageViews) -> Request with the configured prompt form."""
+        return self.make_chat_request([ChatMessage("user", list(images) + [question])], sampling, request_id)
+
+    def make_chat_request(self, messages: list[ChatMessage], sampling: SamplingParams = SamplingParams(),
+                          request_id: str | None = None) -> Request:  # fmt: skip
+        inputs = self.processor.chat(messages)
+        req = Request(prompt_ids=inputs.input_ids[0].tolist(), images=inputs.images, sampling=sampling)
+        if request_id:
+            req.request_id = request_id
+        return req
+
+    def validate(self, request: Request) -> None:
+        """Raise ValueError for a request this engine can never run (checked before queueing)."""
+        L, new = len(request.prompt_ids), request.sampling.max_new_tokens
+        if L == 0:
+            raise ValueError("empty prompt")
+        if L + new > self.config.max_seq_len:
+            raise ValueError(f"prompt of {L} tokens + max_new_tokens {new} is over the {self.config.max_seq_len}-token "
+                             "context of this engine; shorten the prompt or lower max_tokens")  # fmt: skip
+        n_img = sum(1 for t in request.prompt_ids if t == self.model.config.image_token_id)
+        if n_img != len(request.images):
+            raise ValueError(f"prompt has {n_img} <image> tokens but {len(request.images)} images were given")
+        for page in request.images:
+            tokens = page.features.shape[0] if isinstance(page, EncodedImage) else page.n_views * self.model.config.vision.tokens
+            if tokens > self.max_media_tokens:
+                raise ValueError(f"image has {tokens} visual tokens, over this engine's {self.max_media_tokens} "
+                                 f"({self.config.max_views} views); lower max_windows")  # fmt: skip
+
+    def _new_seq(self, request: Request, sink) -> _Seq:
+        self.validate(request)
+        s = request.sampling
+        stop_ids = frozenset(self.default_stop if s.stop_token_ids is None else s.stop_token_ids)
+        return _Seq(request=request, sink=sink, detok=IncrementalDetokenizer(self.processor.tokenizer, tuple(s.stop)),
+                    stop_ids=stop_ids, generator=make_generator(s, self.device))  # fmt: skip
+
+    # ---- synchronous API --------------------------------------------------------------------------------------------
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Run requests to completion; results in input order. Invalid requests raise ValueError before any work."""
+        results: dict[str, Result] = {}
+        done = threading.Event()
+
+        def sink(delta: Delta) -> None:
+            if delta.result is not None:
+                results[delta.request_id] = delta.result
+                if len(results) == len(requests):
+                    done.set()
+
+        seqs = [self._new_seq(r, sink) for r in requests]
+        if len({r.request_id for r in requests}) != len(requests):
+            raise ValueError("request ids must be unique within a call")
+        with self._lock:
+            self.waiting.extend(seqs)
+            self._wake.notify()
+        if not requests:
+            return []
+        if self._running:
+            done.wait()
+        else:
+            while not done.is_set():
+                self.step()
+        return [results[r.request_id] for r in requests]
+
+    # ---- async API --------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the loop in a background thread (needed by `stream`)."""
+        if self._running:
+            return
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="infimm-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._running = False
+            self._wake.notify()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while self._running and not self.waiting and not any(self.slots):
+                    self._wake.wait()
+                if not self._running:
+                    return
+            try:
+                self.step()
+            except Exception:  # never let one bad step kill the replica: fail the requests in flight
+                log.exception("engine step failed; aborting the requests in flight")
+                self._fail_all("error")
+
+    async def stream(self, request: Request) -> AsyncIterator[Delta]:
+        """Yield deltas as tokens are generated; the last one carries the Result. Cancelling aborts the request."""
+        if not self._running:
+            self.start()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Delta] = asyncio.Queue()
+        seq = self._new_seq(request, lambda d: loop.call_soon_threadsafe(queue.put_nowait, d))
+        with self._lock:
+            self.waiting.append(seq)
+            self._wake.notify()
+        try:
+            while True:
+                delta = await queue.get()
+                yield delta
+                if delta.result is not None:
+                    return
+        finally:
+            if seq.finish_reason is None:
+                self.abort(request.request_id)
+
+    async def complete(self, request: Request) -> Result:
+        async for delta in self.stream(request):
+            if delta.result is not None:
+                return delta.result
+        raise RuntimeError("stream ended without a result")
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            for seq in itertools.chain(self.waiting, (s for s in self.slots if s)):
+                if seq.request.request_id == request_id:
+                    seq.aborted = True
+
+    def stats(self) -> dict:
+        return {
+            "waiting": len(self.waiting),
+            "active": sum(1 for s in self.slots if s),
+            "slots": self.config.max_slots,
+            "feature_cache_items": len(self.features.items),
+            "feature_cache_hits": self.features.hits,
+            "feature_cache_misses": self.features.misses,
+            "steps": self.steps,
+        }
+
+    # ---- the loop ---------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> None:
+        self.steps += 1
+        self._drop_aborted()
+        admitted = self._admit()
+        if admitted:
+            self._encode(admitted)
+            self._prefill(admitted)
+        if any(self.slots):
+            self._decode()
+        self.observer.on_queue(len(self.waiting), sum(1 for s in self.slots if s))
+
+    def _drop_aborted(self) -> None:
+        with self._lock:
+            aborted = [s for s in self.waiting if s.aborted]
+            for s in aborted:
+                self.waiting.remove(s)
+        for s in aborted:
+            self._finish(s, "abort")
+        for s in list(self.slots):
+            if s is not None and s.aborted:
+                self._finish(s, "abort")
+
+    def _admit(self) -> list[_Seq]:
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        admitted = []
+        with self._lock:
+            while free and self.waiting and len(admitted) < self.config.max_prefill_batch:
+                seq = self.waiting.popleft()
+                seq.slot = free.pop(0)  # lowest free slot first: keeps the active prefix short
+                self.slots[seq.slot] = seq
+                admitted.append(seq)
+        now = time.perf_counter()
+        for seq in admitted:
+            seq.timings.queue_s = now - seq.request.arrival
+        return admitted
+
+    def _encode(self, seqs: list[_Seq]) -> None:
+        """ViT over the views of every page these requests need that is not cached, all pages together."""
+        todo: dict[str, PageViews] = {}
+        for seq in seqs:
+            for page in seq.request.images:
+                if isinstance(page, EncodedImage):
+                    continue
+                key = content_key(page)
+                if self.features.get(key) is None and key not in todo:
+                    todo[key] = page
+        encoded: dict[str, torch.Tensor] = {}
+        seconds = 0.0
+        if todo:
+            t0 = time.perf_counter()
+            pages = list(todo.items())
+            views = torch.cat([p.views for _, p in pages])  # (sum V, 3, 448, 448) uint8, still on the host
+            feats = []
+            for chunk in views.split(self.config.vit_batch_views):
+                x = normalize_views(chunk.to(self.device, non_blocking=True), self.dtype)
+                feats.append(self.model.encode_views(x))  # (v, N, Dv)
+            feats = torch.cat(feats)
+            offset = 0
+            for key, page in pages:
+                f = feats[offset : offset + page.n_views]
+                offset += page.n_views
+                encoded[key] = self.model.build_media(f, page.rows, page.cols)  # (V*N, Dv)
+                self.features.put(key, encoded[key])
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - t0
+            self.observer.on_encode(views.shape[0], seconds)
+        for seq in seqs:
+            for page in seq.request.images:
+                if isinstance(page, EncodedImage):
+                    seq.media.append(page.features.to(self.device, self.dtype))
+                    continue
+                key = content_key(page)
+                if key in encoded:
+                    seq.timings.encode_s = seconds
+                else:
+                    seq.cached_images += 1
+                seq.media.append(encoded.get(key) if key in encoded else self.features.get(key))
+
+    def _prefill(self, seqs: list[_Seq]) -> None:
+        t0 = time.perf_counter()
+        model, dev = self.model, self.device
+        B = len(seqs)
+        ids, mask = self.processor.pad([s.request.prompt_ids for s in seqs], side="right")
+        ids, mask = ids.to(dev), mask.to(dev)
+        lengths = [len(s.request.prompt_ids) for s in seqs]
+        T = ids.shape[1]
+        slots = torch.tensor([s.slot for s in seqs], device=dev)
+        # media of each row: its images' tokens one after another, item i marked i+1; padding marked 0
+        media_kv = None
+        if any(s.media for s in seqs):
+            M = max(sum(m.shape[0] for m in s.media) for s in seqs)
+            flat = torch.zeros(B, M, model.config.vis_dim, dtype=self.dtype, device=dev)
+            key_time = torch.zeros(B, M, dtype=torch.long, device=dev)
+            for row, s in enumerate(seqs):
+                offset = 0
+                for item, m in enumerate(s.media, start=1):
+                    flat[row, offset : offset + m.shape[0]] = m
+                    key_time[row, offset : offset + m.shape[0]] = item
+                    offset += m.shape[0]
+            media_kv = model.project_media(flat, key_time=key_time)
+        ctx, xin = model.prefill_inputs(ids, mask, media_kv)
+        lengths_t = torch.tensor(lengths, device=dev)
+        self.kv.valid[slots] = torch.arange(self.kv.max_len, device=dev)[None, :] < lengths_t[:, None]
+        ctx.cache, ctx.slots, ctx.cols = self.kv, slots, torch.arange(T, device=dev).expand(B, T)
+        h = model.decode_layers(ids, ctx, xin)  # (B, T, D)
+        last = h[torch.arange(B, device=dev), lengths_t - 1]  # (B, D)
+        logits = model.decoder.lm_head(last).float()
+        for row, s in enumerate(seqs):
+            if media_kv is not None and s.media:
+                self.media_len[s.slot] = self.media.store_last_image(s.slot, media_kv, row)
+                self.slot_text_time[s.slot] = 1
+            else:
+                self.media_len[s.slot] = 0
+                self.media.key_time[s.slot] = 0
+                self.slot_text_time[s.slot] = 0
+            s.media = []  # features no longer needed by this request
+        tokens = sample_tokens(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])
+        seconds = time.perf_counter() - t0
+        self.observer.on_prefill(B, sum(lengths), seconds)
+        now = time.perf_counter()
+        for s, tok in zip(seqs, tokens):
+            s.timings.prefill_s = seconds
+            s.first_token_at = now
+            s.timings.ttft_s = now - s.request.arrival
+            self._emit(s, tok)
+
+    def _decode(self) -> None:
+        t0 = time.perf_counter()
+        active = [s for s in self.slots if s is not None]
+        n = max(s.slot for s in active) + 1
+        n = min(self.config.max_slots, 1 << (n - 1).bit_length()) if self._graphs else n  # few graph sizes
+        tokens = torch.zeros(n, dtype=torch.long)
+        positions = torch.zeros(n, dtype=torch.long)
+        for s in active:
+            if s.slot < n:
+                tokens[s.slot] = s.tokens[-1]
+                positions[s.slot] = s.position
+        kv_len = min(self.config.max_seq_len, -(-(int(positions.max()) + 1) // self.config.kv_bucket) * self.config.kv_bucket)
+        m = max(self.media_len[:n])
+        m = -(-m // self.model.config.vision.tokens) * self.model.config.vision.tokens  # whole views: few graph sizes
+        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        if self._graphs is not None:
+            logits = self._graphs.run(n, kv_len, m, tokens, positions)
+        else:
+            logits = self.decode_forward(n, kv_len, m, tokens, positions)
+        rows = [s.slot for s in active]
+        sampled = sample_tokens(logits[rows], [s.request.sampling for s in active], [s.generator for s in active])
+        self.observer.on_decode_step(len(active), time.perf_counter() - t0)
+        for s, tok in zip(active, sampled):
+            self._emit(s, tok)
+
+    def decode_forward(self, n: int, kv_len: int, m: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token for slots [0, n): device work only, no host syncs, fixed shapes for given (n, kv_len, m)."""
+        model = self.model
+        self.kv.valid[self.slot_ids[:n], positions] = True
+        cos, sin = model.decoder.rope_at(positions[:, None])
+        ctx = SelfAttnContext(cos=cos, sin=sin, mask=self.kv.valid[:n, None, None, :kv_len], fresh=False, cache=self.kv,
+                              slots=self.slot_ids[:n], cols=positions[:, None], kv_len=kv_len)  # fmt: skip
+        xin = None
+        if m > 0:
+            text_time = self.slot_text_time[:n, None]
+            xin = CrossAttnInputs.build(self.media.rows(n, m), text_time, flag=text_time[:, 0] > 0)
+        h = model.decode_layers(tokens[:, None], ctx, xin)
+        return model.decoder.lm_head(h[:, -1]).float()  # (n, vocab)
+
+    # ---- per-token bookkeeping ----------------------------------------------------------------------------------------
+    def _emit(self, seq: _Seq, token: int) -> None:
+        seq.tokens.append(token)
+        delta = seq.detok.push(token)
+        p = seq.request.sampling
+        if token in seq.stop_ids and len(seq.tokens) >= p.min_new_tokens:
+            reason = "stop"
+        elif seq.detok.stopped_at is not None:
+            reason = "stop"
+        elif len(seq.tokens) >= p.max_new_tokens:
+            reason = "length"
+        else:
+            reason = None
+        if reason is None:
+            if delta and seq.sink:
+                seq.sink(Delta(seq.request.request_id, delta, [token]))
+            return
+        self._finish(seq, reason, pending=delta)
+
+    def _finish(self, seq: _Seq, reason: str, pending: str = "") -> None:
+        seq.finish_reason = reason
+        if seq.slot >= 0 and self.slots[seq.slot] is seq:
+            self.slots[seq.slot] = None
+        now = time.perf_counter()
+        t = seq.timings
+        t.total_s = now - seq.request.arrival
+        t.decode_s = now - seq.first_token_at if seq.first_token_at else 0.0
+        rest = pending + seq.detok.finish()
+        result = Result(
+            request_id=seq.request.request_id,
+            token_ids=list(seq.tokens),
+            text=seq.detok.visible,
+            finish_reason=reason,
+            prompt_tokens=len(seq.request.prompt_ids),
+            completion_tokens=len(seq.tokens),
+            timings=t,
+            cached_images=seq.cached_images,
+        )
+        self.observer.on_finish(result)
+        if seq.sink:
+            seq.sink(Delta(seq.request.request_id, rest, seq.tokens[-1:] if seq.tokens else [], result))
+
+    def _fail_all(self, reason: str) -> None:
+        with self._lock:
+            seqs = list(self.waiting) + [s for s in self.slots if s]
+            self.waiting.clear()
+        for s in seqs:
+            self._finish(s, reason)
+
+
+class DecodeGraphs:
+    """CUDA graphs of `Engine.decode_forward`, one per (n, kv_len, m), captured on first use.
+
+    Inputs are copied into static buffers before each replay; the graph reads the engine's static caches in place.
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        S = engine.config.max_slots
+        self.tokens = torch.zeros(S, dtype=torch.long, device=engine.device)
+        self.positions = torch.zeros(S, dtype=torch.long, device=engine.device)
+        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+
+    def run(self, n: int, kv_len: int, m: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.tokens[:n].copy_(tokens)
+        self.positions[:n].copy_(positions)
+        key = (n, kv_len, m)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(*key)
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out
+
+    def _capture(self, n: int, kv_len: int, m: int):
+        e = self.engine
+
+        def fn():
+            return e.decode_forward(n, kv_len, m, self.tokens[:n], self.positions[:n])
+
+        stream = torch.cuda.Stream(device=e.device)
+        stream.wait_stream(torch.cuda.current_stream(e.device))
+        with torch.cuda.stream(stream):  # warm-up (same inputs, so the cache writes are idempotent)
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(e.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()
+        log.info("captured decode graph n=%d kv_len=%d media=%d", n, kv_len, m)
+        return graph, out
+

@@ -1,0 +1,87 @@
+"""Gated cross-attention: how the decoder reads the visual tokens (official `helpers.py`, spec §4.3).
+
+Legend: B batch rows, T text tokens, M media tokens, D decoder width, Dv visual width, Hx heads, dx head width.
+
+Semantics pinned by the golden vectors (../shared/golden/README.md §7):
+* text_time of a token = number of `<image>` tokens at or before it; it attends to all keys of media item text_time only;
+* tokens with text_time 0 (before any `<image>`) get exactly zero attention output, but still go through the FF branch;
+* a row with no `<image>` at all skips both branches (the block is an exact identity for it);
+* queries are layer-normed, media keys/values are not; tanh element-wise gates on both branches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .attention import attention
+from .cache import MediaKV
+from .config import CrossAttnConfig
+
+
+@dataclass
+class CrossAttnInputs:
+    """Everything the cross-attention blocks of one forward pass share."""
+
+    media: MediaKV  # k, v (X, B, Hx, M, dx)
+    mask: torch.Tensor  # (B, 1, T, M) bool, True = may attend
+    attends: torch.Tensor  # (B, 1, T, 1) bool, False where text_time == 0 (output forced to 0)
+    flag: torch.Tensor  # (B, 1, 1) bool, rows with at least one <image>
+
+    @classmethod
+    def build(cls, media: MediaKV, text_time: torch.Tensor, flag: torch.Tensor) -> "CrossAttnInputs":
+        """text_time (B, T) running image count; flag (B,) rows that have media."""
+        attends = text_time > 0  # (B, T)
+        mask = media.key_time[:, None, None, :] == text_time[:, None, :, None]  # (B, 1, T, M)
+        # Rows with text_time 0 must still attend somewhere (softmax over nothing is NaN); their output is zeroed.
+        mask = mask | ~attends[:, None, :, None]
+        return cls(media=media, mask=mask, attends=attends[:, None, :, None], flag=flag[:, None, None])
+
+
+class MaskedCrossAttention(nn.Module):
+    def __init__(self, dim: int, dim_visual: int, cfg: CrossAttnConfig):
+        super().__init__()
+        self.heads, self.dim_head = cfg.heads, cfg.dim_head
+        self.norm = nn.LayerNorm(dim, eps=cfg.ln_eps)
+        self.to_q = nn.Linear(dim, cfg.inner, bias=False)
+        self.to_kv = nn.Linear(dim_visual, 2 * cfg.inner, bias=False)
+        self.to_out = nn.Linear(cfg.inner, dim, bias=False)
+
+    def project_media(self, media: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """media (B, M, Dv) -> k, v (B, Hx, M, dx). Done once per request, never per decode step."""
+        B, M, _ = media.shape
+        k, v = self.to_kv(media).chunk(2, dim=-1)
+        return (
+            k.view(B, M, self.heads, self.dim_head).transpose(1, 2),
+            v.view(B, M, self.heads, self.dim_head).transpose(1, 2),
+        )
+
+    def forward(self, x, k, v, mask, attends) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.to_q(self.norm(x)).view(B, T, self.heads, self.dim_head).transpose(1, 2)  # (B, Hx, T, dx)
+        out = attention(q, k, v, mask) * attends  # (B, Hx, T, dx); exact zeros before the first <image>
+        return self.to_out(out.transpose(1, 2).reshape(B, T, self.heads * self.dim_head))
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    def __init__(self, dim: int, dim_visual: int, cfg: CrossAttnConfig):
+        super().__init__()
+        self.attn = MaskedCrossAttention(dim, dim_visual, cfg)
+        self.attn_gate = nn.Parameter(torch.zeros(dim))
+        # Keys ff.0 / ff.1 / ff.3 as in the official checkpoint (ff.2 is the GELU).
+        self.ff = nn.Sequential(
+            nn.LayerNorm(dim, eps=cfg.ln_eps),
+            nn.Linear(dim, dim * cfg.ff_mult, bias=False),
+            nn.GELU(),
+            nn.Linear(dim * cfg.ff_mult, dim, bias=False),
+        )
+        self.ff_gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor, layer: int, inputs: CrossAttnInputs) -> torch.Tensor:
+        """x (B, T, D); `layer` indexes the cross-attention layer in `inputs.media`."""
+        k, v = inputs.media.k[layer], inputs.media.v[layer]
+        y = x + self.attn(x, k, v, inputs.mask, inputs.attends) * self.attn_gate.tanh()
+        y = y + self.ff(y) * self.ff_gate.tanh()
+        return torch.where(inputs.flag, y, x)  # rows without media: exact identity
