@@ -112,6 +112,9 @@ class InfiMMHDConfig:
     # ---- official config.json round trip ---------------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "InfiMMHDConfig":
+        missing = [k for k in ("visual", "language", "image_token_id", "eoc_token_id") if k not in cfg]
+        if missing:
+            raise ValueError(f"not an InfiMM-HD config.json: missing {missing}")
         v, t = cfg["visual"], cfg["language"]
         vision = VisionConfig(
             image_size=v.get("image_size", 448),
