@@ -34,7 +34,7 @@ import torch
 from .cache import KVCache, MediaKV
 from .infimm import InfiMMHD
 from .processor import ChatMessage, Processor, PromptFormat
-from .sampling import IncrementalDetokenizer, SamplingParams, make_generator, sample_tokens
+from .sampling import IncrementalDetokenizer, SamplingParams, byte_token_ids, make_generator, sample_tokens
 from .text import SelfAttnContext
 from .windows import PageViews, WindowConfig, normalize_views
 from .xattn import CrossAttnInputs
@@ -200,6 +200,7 @@ class Engine:
         self.waiting: collections.deque[_Seq] = collections.deque()
         self.features = FeatureCache(config.feature_cache_mb * 2**20)
         self.default_stop = tuple(processor.stop_token_ids)
+        self.byte_ids = byte_token_ids(processor.tokenizer)
         self._lock = threading.Lock()  # guards `waiting` and abort flags between callers and the loop thread
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -256,7 +257,7 @@ class Engine:
         self.validate(request)
         s = request.sampling
         stop_ids = frozenset(self.default_stop if s.stop_token_ids is None else s.stop_token_ids)
-        return _Seq(request=request, sink=sink, detok=IncrementalDetokenizer(self.processor.tokenizer, tuple(s.stop)),
+        return _Seq(request=request, sink=sink, detok=IncrementalDetokenizer(self.processor.tokenizer, tuple(s.stop), self.byte_ids),
                     stop_ids=stop_ids, generator=make_generator(s, self.device))  # fmt: skip
 
     # ---- synchronous API --------------------------------------------------------------------------------------------
@@ -427,15 +428,17 @@ class Engine:
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - t0
             self.observer.on_encode(views.shape[0], seconds)
+        charged: set[str] = set()
         for seq in seqs:
             for page in seq.request.images:
                 if isinstance(page, EncodedImage):
                     seq.media.append(page.features.to(self.device, self.dtype))
                     continue
                 key = content_key(page)
-                if key in encoded:
+                if key in encoded and key not in charged:  # the first request asking for a page pays its encode
+                    charged.add(key)
                     seq.timings.encode_s = seconds
-                else:
+                else:  # shared: encoded for another request of this batch, or a feature-cache hit
                     seq.cached_images += 1
                 seq.media.append(encoded.get(key) if key in encoded else self.features.get(key))
 

@@ -1,0 +1,243 @@
+"""The generation engine: equivalence with single-request generate under any mix/order/slot count, sampling
+reproducibility, feature-cache reuse, stop conditions, streaming and incremental detokenization."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from model import ChatMessage, Processor, load_pretrained
+from model.engine import Engine, EngineConfig, EngineObserver, Request
+from model.sampling import IncrementalDetokenizer, SamplingParams, byte_token_ids
+from model.windows import normalize_views
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return load_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint):
+    return Processor.from_pretrained(tiny_checkpoint)
+
+
+def page(w: int, h: int, text: str) -> bytes:
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    for i, line in enumerate(text.split("\n")):
+        d.text((20, 20 + 30 * i), line, fill="black")
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+PAGES = [page(900, 1300, "INVOICE 2024-0117\nTotal 200.40"), page(1400, 500, "Minutes of the meeting"), page(300, 300, "x")]
+QUESTIONS = ["Transcribe this page.", "What is the total?", "Who was present?"]
+
+
+def reference(model, processor, req: Request) -> list[int]:
+    """Single-request `InfiMMHD.generate` (greedy) for an engine request."""
+    media = None
+    if req.images:
+        with torch.no_grad():
+            items = [model.build_media(model.encode_views(normalize_views(p.views)), p.rows, p.cols) for p in req.images]
+        # generate takes equal-sized items; these tests give each request at most one page
+        media = torch.stack(items)[None]
+    stop = list(req.sampling.stop_token_ids) if req.sampling.stop_token_ids is not None else processor.stop_token_ids
+    out = model.generate(torch.tensor([req.prompt_ids]), None, media, req.sampling.max_new_tokens, stop)[0].tolist()
+    return out
+
+
+def mixed_requests(engine, n: int, seed: int) -> list[Request]:
+    rng = random.Random(seed)
+    reqs = []
+    for i in range(n):
+        sampling = SamplingParams(max_new_tokens=rng.choice([3, 6, 9]), stop_token_ids=rng.choice([None, (), (17, 40)]))
+        if i % 4 == 3:  # text only
+            reqs.append(engine.make_chat_request([ChatMessage("user", [rng.choice(QUESTIONS)])], sampling))
+        else:
+            reqs.append(engine.make_request(rng.choice(QUESTIONS), [rng.choice(PAGES)], sampling))
+    return reqs
+
+
+@pytest.mark.parametrize("slots,order_seed", [(1, 0), (2, 1), (5, 2), (8, 3)])
+def test_greedy_outputs_equal_single_request_generate(model, processor, slots, order_seed):
+    engine = Engine(model, processor, EngineConfig(max_slots=slots, max_seq_len=160, max_prefill_batch=3))
+    reqs = mixed_requests(engine, 10, seed=order_seed)
+    expected = {r.request_id: reference(model, processor, r) for r in reqs}
+    random.Random(order_seed).shuffle(reqs)
+    results = engine.generate(reqs)
+    for req, res in zip(reqs, results):
+        ids = expected[req.request_id]
+        stop = set(req.sampling.stop_token_ids if req.sampling.stop_token_ids is not None else processor.stop_token_ids)
+        if any(t in stop for t in ids):  # generate pads after a stop; the engine ends the sequence there
+            ids = ids[: next(i for i, t in enumerate(ids) if t in stop) + 1]
+        assert res.token_ids == ids
+        assert res.finish_reason == ("stop" if ids[-1] in stop else "length")
+        assert res.completion_tokens == len(ids) and res.prompt_tokens == len(req.prompt_ids)
+        assert res.text == processor.decode(ids)
+
+
+def test_results_do_not_depend_on_batch_neighbours(model, processor):
+    engine = Engine(model, processor, EngineConfig(max_slots=6, max_seq_len=160))
+    target = engine.make_request(QUESTIONS[0], [PAGES[0]], SamplingParams(max_new_tokens=8))
+    alone = engine.generate([target])[0].token_ids
+    crowd = mixed_requests(engine, 7, seed=9)
+    twin = engine.make_request(QUESTIONS[0], [PAGES[0]], SamplingParams(max_new_tokens=8))
+    results = engine.generate(crowd[:3] + [twin] + crowd[3:])
+    assert results[3].token_ids == alone
+
+
+def test_sampling_is_reproducible_per_seed(model, processor):
+    engine = Engine(model, processor, EngineConfig(max_slots=4, max_seq_len=160))
+
+    def sampled(seed, crowd=0):
+        req = engine.make_request(QUESTIONS[1], [PAGES[1]], SamplingParams(max_new_tokens=12, temperature=1.5,
+                                                                         top_p=0.95, top_k=50, seed=seed))  # fmt: skip
+        others = mixed_requests(engine, crowd, seed=seed + 100)
+        return engine.generate([req] + others)[0].token_ids
+
+    a = sampled(7)
+    assert sampled(7, crowd=3) == a  # same seed, different batch neighbours -> same tokens
+    assert any(sampled(s) != a for s in (8, 9, 10))  # another seed changes something
+    greedy = engine.generate([engine.make_request(QUESTIONS[1], [PAGES[1]], SamplingParams(max_new_tokens=12))])[0]
+    top1 = engine.make_request(QUESTIONS[1], [PAGES[1]], SamplingParams(max_new_tokens=12, temperature=2.0, top_k=1, seed=1))
+    assert engine.generate([top1])[0].token_ids == greedy.token_ids  # top-k 1 is greedy
+
+
+class Counting(EngineObserver):
+    def __init__(self):
+        self.views = 0
+        self.encodes = 0
+
+    def on_encode(self, views, seconds):
+        self.views += views
+        self.encodes += 1
+
+
+def test_one_encode_for_many_questions_on_one_page(model, processor):
+    obs = Counting()
+    engine = Engine(model, processor, EngineConfig(max_slots=2, max_seq_len=160), observer=obs)
+    reqs = [engine.make_request(q, [PAGES[0]], SamplingParams(max_new_tokens=5)) for q in QUESTIONS * 2]
+    n_views = reqs[0].images[0].n_views
+    results = engine.generate(reqs)  # 6 requests through 2 slots: admitted over several steps
+    assert obs.views == n_views, "the page was encoded more than once"
+    assert sum(r.cached_images for r in results) == len(reqs) - 1
+    cold = Engine(model, processor, EngineConfig(max_slots=2, max_seq_len=160, feature_cache_mb=0))
+    fresh = [cold.make_request(q, [PAGES[0]], SamplingParams(max_new_tokens=5)) for q in QUESTIONS * 2]
+    assert [r.token_ids for r in cold.generate(fresh)] == [r.token_ids for r in results]
+
+
+def test_vit_batches_pages_together_in_chunks(model, processor):
+    obs = Counting()
+    engine = Engine(model, processor, EngineConfig(max_slots=3, max_seq_len=160, vit_batch_views=4), observer=obs)
+    reqs = [engine.make_request("Read it.", [p], SamplingParams(max_new_tokens=2)) for p in PAGES]
+    engine.generate(reqs)
+    assert obs.encodes == 1  # three pages admitted together -> one encode call over all their views
+    assert obs.views == sum(r.images[0].n_views for r in reqs)
+
+
+def test_stop_strings_cut_the_text(model, processor):
+    engine = Engine(model, processor, EngineConfig(max_slots=1, max_seq_len=160))
+    full = engine.generate([engine.make_request(QUESTIONS[0], [PAGES[0]], SamplingParams(max_new_tokens=20))])[0]
+    assert len(full.text) > 4, "need some text to cut"
+    stop = full.text[2:4]
+    cut = engine.generate([engine.make_request(QUESTIONS[0], [PAGES[0]],
+                                               SamplingParams(max_new_tokens=20, stop=(stop,)))])[0]  # fmt: skip
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert stop not in cut.text
+
+
+def test_invalid_requests_fail_before_any_work(model, processor):
+    engine = Engine(model, processor, EngineConfig(max_slots=1, max_seq_len=64))
+    with pytest.raises(ValueError, match="context"):
+        engine.generate([engine.make_request("x " * 80, [], SamplingParams(max_new_tokens=4))])
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="<image>"):
+        engine.generate([Request(prompt_ids=[1, model.config.image_token_id, 5], sampling=SamplingParams(max_new_tokens=4))])
+    assert engine.stats()["waiting"] == 0 and engine.stats()["active"] == 0
+
+
+def test_streaming_deltas_concatenate_to_the_text(model, processor):
+    engine = Engine(model, processor, EngineConfig(max_slots=4, max_seq_len=160))
+
+    async def run():
+        reqs = [engine.make_request(q, [PAGES[i % 3]], SamplingParams(max_new_tokens=10)) for i, q in enumerate(QUESTIONS)]
+
+        async def collect(r):
+            parts, final = [], None
+            async for d in engine.stream(r):
+                parts.append(d.text)
+                final = d.result or final
+            return "".join(parts), final
+
+        return reqs, await asyncio.gather(*(collect(r) for r in reqs))
+
+    try:
+        reqs, outs = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    sync = Engine(model, processor, EngineConfig(max_slots=1, max_seq_len=160))
+    for req, (text, result) in zip(reqs, outs):
+        assert result is not None and text == result.text
+        again = sync.generate([sync.make_request(*_question_and_page(req, processor), SamplingParams(max_new_tokens=10))])
+        assert again[0].text == text
+        t = result.timings
+        assert 0 <= t.queue_s <= t.ttft_s <= t.total_s and t.prefill_s > 0
+
+
+def _question_and_page(req, processor):
+    text = processor.decode(req.prompt_ids)
+    question = text.split("USER:")[-1].split("ASSISTANT:")[0].strip()
+    return question, [req.images[0]]
+
+
+def test_cancelled_stream_frees_its_slot(model, processor):
+    engine = Engine(model, processor, EngineConfig(max_slots=1, max_seq_len=300))
+
+    async def run():
+        req = engine.make_request(QUESTIONS[0], [PAGES[0]], SamplingParams(max_new_tokens=150, stop_token_ids=()))
+        agen = engine.stream(req)
+        await agen.__anext__()
+        await agen.aclose()  # client went away
+        follow = engine.make_request(QUESTIONS[1], [PAGES[1]], SamplingParams(max_new_tokens=3))
+        return await asyncio.wait_for(engine.complete(follow), timeout=60)
+
+    try:
+        result = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert result.finish_reason in ("stop", "length") and engine.stats()["active"] == 0
+
+
+def test_incremental_detokenizer_matches_full_decode(processor):
+    tok = processor.tokenizer
+    text = "Total: 200,40 € — café naïve 中文 ✓ end."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert any(tok.convert_ids_to_tokens(i).startswith("<0x") for i in ids), "want byte-fallback pieces in the test"
+    byte_ids = byte_token_ids(tok)
+    assert len(byte_ids) == 256
+    rng = random.Random(0)
+    for trial in range(300):  # random ids: runs of byte tokens that are not valid UTF-8 included
+        seq = ids if trial == 0 else [rng.randrange(3, len(tok)) for _ in range(rng.randrange(1, 40))]
+        d = IncrementalDetokenizer(tok, byte_ids=byte_ids)
+        streamed = "".join(d.push(t) for t in seq) + d.finish()
+        assert streamed == tok.decode(seq, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def test_detokenizer_holds_back_stop_strings(processor):
+    tok = processor.tokenizer
+    ids = tok("The invoice total is 200 and the date", add_special_tokens=False)["input_ids"]
+    d = IncrementalDetokenizer(tok, stop=("total is",))
+    deltas = [d.push(t) for t in ids]
+    deltas.append(d.finish())
+    assert "".join(deltas) == "The invoice " and d.stopped_at is not None
+    assert all("total" not in x for x in deltas)
