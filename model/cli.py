@@ -133,9 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     for module in ("pipelines.cli", "deployments.cli"):
         try:
-            __import__(module, fromlist=["add_commands"]).add_commands(sub)
-        except ImportError as e:  # optional extras not installed
+            mod = __import__(module, fromlist=["add_commands"])
+        except ModuleNotFoundError as e:  # the [ray] extra is not installed (or the module does not exist yet)
+            if e.name not in (module, "ray", "pyarrow", "pypdfium2", "fastapi"):
+                raise
             logging.getLogger(__name__).debug("%s unavailable: %s", module, e)
+            continue
+        mod.add_commands(sub)
     return parser
 
 
@@ -143,7 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
-    return args.func(args) or 0
+    from .weights import CheckpointError
+
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError, CheckpointError) as e:  # bad input: a message, not a traceback
+        print(f"infimm-hd: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
