@@ -1,0 +1,390 @@
+"""The document batch job: list -> decode on CPU -> engine on a GPU actor pool -> Parquet parts, resumable.
+
+    sources (driver: list inputs, drop what is done)
+      -> DecodePages       Ray tasks (CPU): read, split pages, rasterize PDFs, cut windows      (pipelines/documents.py)
+      -> GenerateStage     Ray actor pool, num_gpus per actor, autoscaling MIN..MAX           (pipelines/generate.py)
+      -> PartWriter        the driver, streaming: dedupe by id, write `part-<run>-<n>.parquet` files
+
+Why the driver writes the Parquet and not `Dataset.write_parquet`: result rows are small (text and a few numbers),
+and writing them where they arrive gives exactly-once output (every id is checked against all ids written so far),
+atomic parts (a local part is renamed into place; an S3 object appears only when its upload completes), and the
+timeline the progress bar and the summary plot need. Ray Data's own checkpointing (`CheckpointConfig`) does not fit:
+it needs an id column that exists in the input and survives every operator, and here one input document fans out
+into pages x prompts whose ids are known only after decoding.
+
+Resume: the output folder is the manifest of completed work. A rerun reads the `id` column of its `*.parquet` parts;
+single-page documents whose rows are all there are not read again; multi-page documents are opened (to count pages)
+but only missing pages are rendered and generated. `--no-resume` deletes the earlier parts first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from .documents import DecodeConfig, DecodePages
+from .generate import GenerateConfig, GenerateStage
+from .rows import OUTPUT_SCHEMA, doc_key, prompt_key, split_row_id
+from .storage import SINGLE_PAGE_SUFFIXES, S3Settings, Storage, _suffix, list_sources
+
+log = logging.getLogger(__name__)
+
+SOURCE_SCHEMA = pa.schema([("uri", pa.string()), ("doc", pa.string()), ("prompts", pa.list_(pa.string())),
+                           ("done", pa.list_(pa.string()))])  # fmt: skip
+# settings that change what a row contains: a resumed run with other values mixes two kinds of rows
+RESULT_SETTINGS = ("checkpoint", "max_new_tokens", "max_windows", "dpi")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    inputs: tuple[str, ...]
+    output: str
+    prompts: tuple[str, ...] = ()  # for documents without a manifest prompt
+    checkpoint: str = ""
+    max_new_tokens: int = 512
+    dpi: int = 150
+    max_pages: int = 1000
+    max_windows: int = 16
+    actors: tuple[int, int] = (1, 1)  # GPU-stage actor pool, autoscaling between these
+    gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0 (engine on CPU)
+    cpus_per_actor: float = 1.0
+    batch_size: int = 16  # pages per engine call (they share ViT batches and decode steps)
+    max_slots: int = 16  # sequences the engine decodes together
+    decode_cpus: float = 1.0  # per decode task
+    # Memory reserved per decode task (a rasterized page, its windows and pdfium's buffers). Also keeps decoding in its
+    # own tasks on CPU-only clusters: with identical resource asks Ray Data would fuse it into the engine actors.
+    decode_memory: int = 512 * 2**20
+    resume: bool = True
+    rows_per_file: int = 5000
+    flush_seconds: float = 60.0  # at most this much finished work is lost to a hard kill
+    s3: S3Settings = field(default_factory=S3Settings)
+    torch_threads: int | None = None  # CPU engine threads per actor (default: cpus_per_actor)
+    ray_progress: bool = False  # Ray Data's own per-operator progress bars
+
+    def __post_init__(self):
+        lo, hi = self.actors
+        if not 1 <= lo <= hi:
+            raise ValueError(f"--actors MIN,MAX needs 1 <= MIN <= MAX, got {lo},{hi}")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("--batch-size and --max-new-tokens must be >= 1")
+        if not self.inputs:
+            raise ValueError("give at least one --input")
+
+
+# ---- resume -------------------------------------------------------------------------------------------------------------
+def output_parts(fs: pafs.FileSystem, path: str) -> list[str]:
+    """The Parquet parts of an output folder (not `_`/`.` files, not the 0-byte folder markers S3 writers leave)."""
+    infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+                  and not os.path.basename(i.path).startswith(("_", ".")))  # fmt: skip
+
+
+def read_done_ids(fs: pafs.FileSystem, path: str) -> set[str]:
+    """Ids of every row already written. A part that cannot be read (it should not happen: parts are written whole)
+    is moved to `_incomplete/` so it neither breaks readers nor counts as done."""
+    done: set[str] = set()
+    for part in output_parts(fs, path):
+        try:
+            done.update(pq.read_table(part, columns=["id"], filesystem=fs).column("id").to_pylist())
+        except Exception as e:
+            aside = f"{path.rstrip('/')}/_incomplete/{os.path.basename(part)}"
+            log.warning("unreadable part %s (%s): moved to %s; its rows will be redone", part, e, aside)
+            fs.move(part, aside)
+    return done
+
+
+def plan_sources(sources, prompts: tuple[str, ...], done: set[str]) -> tuple[list[dict], int]:
+    """Sources -> decode-stage records (one per document, all its prompts), minus what the output already has.
+    Returns (records, documents skipped as complete)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    uri_of: dict[str, str] = {}
+    for s in sources:
+        doc = doc_key(s.uri, s.doc_id)
+        if uri_of.setdefault(doc, s.uri) != s.uri:
+            raise ValueError(f"manifest id {doc!r} names two documents: {uri_of[doc]} and {s.uri}; ids must be unique")
+        ps = [s.prompt] if s.prompt else list(prompts)
+        if not ps:
+            raise ValueError(f"no prompt for {s.uri}: pass --prompt or --prompts-file, or add a prompt column to the "
+                             "manifest")  # fmt: skip
+        bucket = groups.setdefault((doc, s.uri), [])
+        bucket += [p for p in ps if p not in bucket]
+    done_by_doc: dict[str, set[str]] = defaultdict(set)
+    for rid in done:
+        doc, page, q = split_row_id(rid)
+        done_by_doc[doc].add(f"{page}:{q}")
+    records, skipped = [], 0
+    for (doc, uri), ps in groups.items():
+        finished = done_by_doc.get(doc, set())
+        answered = {k.rsplit(":", 1)[1] for k in finished}
+        # A one-page file with a row for every prompt is complete: do not even read it. (A multi-page one must be
+        # opened to learn its page count; the decode stage then skips its finished pages.)
+        if _suffix(uri) in SINGLE_PAGE_SUFFIXES and {prompt_key(p) for p in ps} <= answered:
+            skipped += 1
+            continue
+        records.append({"uri": uri, "doc": doc, "prompts": ps, "done": sorted(finished)})
+    return records, skipped
+
+
+# ---- writing --------------------------------------------------------------------------------------------------------------
+class PartWriter:
+    """Buffers result rows and writes them as Parquet parts; drops any id already written (exactly-once output)."""
+
+    def __init__(self, fs: pafs.FileSystem, path: str, seen: set[str], rows_per_file: int, flush_seconds: float):
+        self.fs, self.path = fs, path.rstrip("/")
+        self.seen = seen
+        self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
+        self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        self.local = isinstance(fs, pafs.LocalFileSystem)
+        self.buffer: list[pa.Table] = []
+        self.buffered = 0
+        self.parts: list[str] = []
+        self.duplicates = 0
+        self._last_flush = time.monotonic()
+
+    def add(self, table: pa.Table) -> pa.Table:
+        """Keep the rows with new ids; return them."""
+        ids = table.column("id").to_pylist()
+        keep = []
+        for i, rid in enumerate(ids):
+            if rid not in self.seen:
+                self.seen.add(rid)
+                keep.append(i)
+        if len(keep) < len(ids):
+            self.duplicates += len(ids) - len(keep)
+            log.warning("dropped %d rows whose ids were already written", len(ids) - len(keep))
+            table = table.take(keep)
+        if table.num_rows:
+            self.buffer.append(table.cast(OUTPUT_SCHEMA))
+            self.buffered += table.num_rows
+        if self.buffered >= self.rows_per_file or time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.flush()
+        return table
+
+    def flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self.buffered:
+            return
+        table = pa.concat_tables(self.buffer)
+        name = f"part-{self.run_id}-{len(self.parts):05d}.parquet"
+        final = f"{self.path}/{name}"
+        if self.local:  # rename into place: a reader (or a resume) never sees half a file
+            tmp = f"{self.path}/.{name}.tmp"
+            pq.write_table(table, tmp, filesystem=self.fs)
+            self.fs.move(tmp, final)
+        else:  # an S3 object appears only when its upload completes
+            pq.write_table(table, final, filesystem=self.fs)
+        self.parts.append(final)
+        self.buffer, self.buffered = [], 0
+        log.debug("wrote %s (%d rows)", final, table.num_rows)
+
+
+class Progress:
+    """Counts what arrives at the driver; a tqdm bar while it runs, a timeline for the summary plot."""
+
+    def __init__(self, enabled: bool = True):
+        self.t0 = time.monotonic()
+        self.rows = self.pages = self.tokens = self.errors = 0
+        self.timeline: list[tuple[float, int, int]] = [(0.0, 0, 0)]  # (seconds, pages, tokens)
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc="pages", unit="page", file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
+
+    def update(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        cols = table.select(["source_uri", "page", "completion_tokens", "error_type"]).to_pydict()
+        pages = len(set(zip(cols["source_uri"], cols["page"])))
+        self.rows += table.num_rows
+        self.pages += pages
+        self.tokens += sum(t or 0 for t in cols["completion_tokens"])
+        self.errors += sum(1 for e in cols["error_type"] if e)
+        elapsed = time.monotonic() - self.t0
+        self.timeline.append((round(elapsed, 3), self.pages, self.tokens))
+        if self.bar is not None:
+            self.bar.update(pages)
+            self.bar.set_postfix(rows=self.rows, errors=self.errors, tok_s=f"{self.tokens / max(elapsed, 1e-9):.1f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- the job ------------------------------------------------------------------------------------------------------------
+def ensure_ray(address: str | None = None) -> None:
+    """Use the Ray this process already has; else connect to `address` / RAY_ADDRESS (a cluster, or the driver of a
+    submitted job); else start a private local one. Never auto-attach to some other local cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env})
+    else:
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env})
+
+
+def resolve_resources(config: JobConfig) -> JobConfig:
+    """Fill in what depends on the cluster: GPUs per actor, CPU threads; check that the pool can be placed."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus = config.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if res.get("GPU", 0) > 0 else 0.0
+    if gpus > 0 and res.get("GPU", 0) < gpus * config.actors[0]:
+        raise ValueError(f"--actors {config.actors[0]},... x --gpus-per-actor {gpus} needs {gpus * config.actors[0]} "
+                         f"GPUs; the cluster has {res.get('GPU', 0)}")  # fmt: skip
+    need = config.cpus_per_actor * config.actors[0] + config.decode_cpus
+    if res.get("CPU", 0) < need:
+        raise ValueError(f"the cluster has {res.get('CPU', 0)} CPUs; {config.actors[0]} actor(s) x "
+                         f"{config.cpus_per_actor} CPUs + {config.decode_cpus} for decoding needs {need}; "
+                         "lower --actors MIN or --cpus-per-actor")  # fmt: skip
+    threads = config.torch_threads or (max(1, int(config.cpus_per_actor)) if gpus == 0 else None)
+    return replace(config, gpus_per_actor=gpus, torch_threads=threads)
+
+
+def build_dataset(records: list[dict], config: JobConfig, storage: Storage, generate: GenerateConfig):
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = config.ray_progress
+    table = pa.Table.from_pylist(records, schema=SOURCE_SCHEMA)
+    # Many small input blocks: documents spread over decode tasks instead of queueing behind one.
+    per_block = max(1, -(-len(records) // 1000))
+    blocks = [table.slice(i, per_block) for i in range(0, len(records), per_block)] or [table]
+    decode = DecodePages(storage, DecodeConfig(windows=_windows(config), dpi=config.dpi, max_pages=config.max_pages))
+    return (
+        ray.data.from_arrow(blocks)
+        .map_batches(decode, batch_size=1, batch_format="pyarrow", num_cpus=config.decode_cpus,
+                     memory=config.decode_memory)
+        .map_batches(
+            GenerateStage,
+            fn_constructor_args=(generate,),
+            batch_size=config.batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=config.actors[0], max_size=config.actors[1]),
+            num_gpus=config.gpus_per_actor,
+            num_cpus=config.cpus_per_actor,
+        )
+    )
+
+
+def _windows(config: JobConfig):
+    from model.windows import WindowConfig
+
+    return WindowConfig(max_windows=config.max_windows)
+
+
+def run_job(config: JobConfig, progress: bool = True, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
+    """Run the job to completion; returns the summary (also written to `_summary.json` and `_summary.png`).
+    `on_batch` sees every table of new rows after it is buffered (tests use it to interrupt a run)."""
+    from model.weights import is_random_checkpoint
+
+    from .summary import summarize, write_summary
+
+    if not config.checkpoint:
+        raise ValueError("JobConfig.checkpoint is required (the CLI defaults to the tiny random checkpoint)")
+    started = datetime.now(timezone.utc)
+    storage = Storage(config.s3)
+    fs, out = storage.resolve(config.output)
+    out = out.rstrip("/")
+    if storage.is_s3(config.output):
+        if not out or "/" not in out:
+            raise ValueError(f"--output {config.output}: give a prefix inside the bucket, e.g. s3://bucket/results/")
+    else:
+        fs.create_dir(out, recursive=True)
+    if not config.resume:
+        old = output_parts(fs, out)
+        if old:
+            log.warning("--no-resume: deleting %d earlier parts in %s", len(old), config.output)
+            for p in old:
+                fs.delete_file(p)
+    _check_settings(fs, out, config)
+
+    done = read_done_ids(fs, out)
+    sources = list_sources(list(config.inputs), storage)
+    records, skipped_docs = plan_sources(sources, config.prompts, done)
+    log.info("%d documents listed; %d rows already in %s; %d documents complete, %d to process",
+             len(sources), len(done), config.output, skipped_docs, len(records))  # fmt: skip
+
+    ensure_ray()
+    config = resolve_resources(config)
+    generate = GenerateConfig(checkpoint=str(config.checkpoint), max_new_tokens=config.max_new_tokens,
+                              max_windows=config.max_windows, max_slots=config.max_slots,
+                              device="cpu" if config.gpus_per_actor == 0 else None,
+                              torch_threads=config.torch_threads)  # fmt: skip
+    writer = PartWriter(fs, out, set(done), config.rows_per_file, config.flush_seconds)
+    bar = Progress(enabled=progress)
+    t0 = time.monotonic()
+    try:
+        if records:
+            ds = build_dataset(records, config, storage, generate)
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                new = writer.add(batch)
+                bar.update(new)
+                if on_batch is not None:
+                    on_batch(new)
+    finally:
+        writer.flush()  # finished rows are worth keeping whatever stopped the loop (Ctrl-C included)
+        bar.close()
+    seconds = time.monotonic() - t0
+    run = {
+        "run_id": writer.run_id,
+        "started": started.isoformat(timespec="seconds"),
+        "seconds": round(seconds, 3),
+        "documents_listed": len(sources),
+        "documents_skipped_complete": skipped_docs,
+        "rows_already_done": len(done),
+        "rows": bar.rows,
+        "pages": bar.pages,
+        "errors": bar.errors,
+        "completion_tokens": bar.tokens,
+        "pages_per_s": round(bar.pages / seconds, 4) if seconds > 0 else 0.0,
+        "tokens_per_s": round(bar.tokens / seconds, 4) if seconds > 0 else 0.0,
+        "duplicates_dropped": writer.duplicates,
+        "parts_written": len(writer.parts),
+        "actors": list(config.actors),
+        "gpus_per_actor": config.gpus_per_actor,
+        "batch_size": config.batch_size,
+        "timeline": bar.timeline,
+    }
+    summary = summarize(fs, out, config.output, run,
+                        model=Path(config.checkpoint).name, random_weights=is_random_checkpoint(config.checkpoint))  # fmt: skip
+    write_summary(fs, out, summary)
+    return summary
+
+
+def _check_settings(fs: pafs.FileSystem, out: str, config: JobConfig) -> None:
+    """Record the settings that shape the rows in `_job.json`; warn when a resumed run changes them."""
+    path = f"{out}/_job.json"
+    now = {k: (str(v) if k == "checkpoint" else v) for k, v in asdict(config).items() if k in RESULT_SETTINGS}
+    try:
+        with fs.open_input_stream(path) as f:
+            before = json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        before = None
+    if before and output_parts(fs, out):
+        changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
+        if changed:
+            log.warning("resuming %s with different settings %s: earlier rows keep the old ones (use a new --output or "
+                        "--no-resume to redo everything)", out, changed)  # fmt: skip
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(now, indent=2).encode())

@@ -1,0 +1,122 @@
+"""End-of-job summary: totals over the whole output folder (every run so far) plus this run's throughput.
+
+Written beside the parts as `_summary.json` and `_summary.png` (throughput over time, windows-per-page histogram);
+the leading underscore keeps them out of Parquet readers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+_COLUMNS = ["id", "source_uri", "page", "error_type", "prompt_tokens", "completion_tokens", "grid_rows", "grid_cols"]
+
+
+def summarize(fs: pafs.FileSystem, path: str, output_uri: str, run: dict, model: str = "",
+              random_weights: bool = False) -> dict:  # fmt: skip
+    from .job import output_parts
+
+    cols: dict[str, list] = {c: [] for c in _COLUMNS}
+    for part in output_parts(fs, path):
+        t = pq.read_table(part, columns=_COLUMNS, filesystem=fs).to_pydict()
+        for c in _COLUMNS:
+            cols[c] += t[c]
+    ids = cols["id"]
+    errors = Counter(e for e in cols["error_type"] if e)
+    pages = set(zip(cols["source_uri"], cols["page"]))
+    ok_pages = {(u, p): r * c for u, p, r, c, e in zip(cols["source_uri"], cols["page"], cols["grid_rows"],
+                                                        cols["grid_cols"], cols["error_type"]) if not e}  # fmt: skip
+    windows = Counter(ok_pages.values())
+    return {
+        "output": output_uri,
+        "model": model,
+        "random_weights": random_weights,
+        "rows": len(ids),
+        "unique_ids": len(set(ids)),
+        "documents": len(set(cols["source_uri"])),
+        "pages": len(pages),
+        "ok_rows": len(ids) - sum(errors.values()),
+        "error_rows": sum(errors.values()),
+        "errors_by_type": dict(sorted(errors.items())),
+        "prompt_tokens": sum(t or 0 for t in cols["prompt_tokens"]),
+        "completion_tokens": sum(t or 0 for t in cols["completion_tokens"]),
+        "windows_per_page": {
+            "mean": round(sum(k * n for k, n in windows.items()) / max(1, len(ok_pages)), 3),
+            "histogram": {str(k): n for k, n in sorted(windows.items())},
+        },
+        "run": run,
+    }
+
+
+def write_summary(fs: pafs.FileSystem, path: str, summary: dict) -> None:
+    with fs.open_output_stream(f"{path}/_summary.json") as f:
+        f.write(json.dumps(summary, indent=2).encode())
+    try:
+        png = plot(summary)
+    except Exception:  # a missing font or backend must not fail a finished job
+        log.exception("could not draw the summary plot")
+        return
+    with fs.open_output_stream(f"{path}/_summary.png") as f:
+        f.write(png)
+
+
+def plot(summary: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = summary["run"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    tl = run.get("timeline") or [(0.0, 0, 0)]
+    t = [x[0] for x in tl]
+    pages = [x[1] for x in tl]
+    # pages/s between consecutive arrivals of results at the driver, drawn as steps
+    rate = [(pages[i] - pages[i - 1]) / max(t[i] - t[i - 1], 1e-6) for i in range(1, len(tl))]
+    if rate:
+        a.step(t[1:], rate, where="pre", label="pages/s (per result batch)")
+        a.axhline(run.get("pages_per_s", 0), color="k", ls="--", lw=1, label=f"mean {run.get('pages_per_s', 0):.2f}")
+    a2 = a.twinx()
+    a2.plot(t, pages, color="tab:orange", lw=1)
+    a2.set_ylabel("pages done", color="tab:orange")
+    a.set_xlabel("seconds since start")
+    a.set_ylabel("pages/s")
+    a.set_title(f"throughput ({run.get('pages', 0)} pages in {run.get('seconds', 0):.0f}s)")
+    a.legend(loc="upper left", fontsize=8)
+    hist = summary["windows_per_page"]["histogram"]
+    b.bar([int(k) for k in hist], list(hist.values()))
+    b.set_xlabel("448x448 windows per page (thumbnail not counted)")
+    b.set_ylabel("pages")
+    b.set_title(f"windows per page (mean {summary['windows_per_page']['mean']})")
+    title = f"{summary['output']}  -  model {summary['model']}"
+    fig.suptitle(title + ("  (RANDOM WEIGHTS)" if summary.get("random_weights") else ""), fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def format_summary(summary: dict) -> str:
+    """Human-readable lines for the CLI."""
+    run = summary["run"]
+    lines = [
+        f"output      {summary['output']}  ({summary['rows']} rows, {summary['documents']} documents, "
+        f"{summary['pages']} pages)",
+        f"this run    {run['pages']} pages, {run['rows']} rows in {run['seconds']:.1f}s: {run['pages_per_s']:.2f} "
+        f"pages/s, {run['tokens_per_s']:.1f} tokens/s; {run['documents_skipped_complete']} documents and "
+        f"{run['rows_already_done']} rows were already done",
+        f"errors      {summary['error_rows']} rows" + (": " + ", ".join(f"{k} {v}" for k, v in
+                                                                         summary["errors_by_type"].items())
+                                                       if summary["errors_by_type"] else ""),
+        f"windows     {summary['windows_per_page']['mean']} per page; histogram "
+        + ", ".join(f"{k}: {v}" for k, v in summary["windows_per_page"]["histogram"].items()),
+    ]  # fmt: skip
+    return "\n".join(lines)
