@@ -1,7 +1,7 @@
 """Explicit state objects passed to `forward`: the self-attention KV cache and the cross-attention media K/V.
 
 Legend: L layers, S slots (cache rows), Tmax columns, Hkv key/value heads, Dh head width,
-X cross-attention layers, Hx cross-attention heads, M media (visual) tokens, dx cross-attention head width.
+Hx cross-attention heads, M media (visual) tokens, dx cross-attention head width.
 
 Both are static and preallocated: decode steps read slices of fixed buffers, so a decode step has fixed shapes and can
 be captured in a CUDA graph. The official code keeps this state on the modules and re-projects the media keys/values at
@@ -48,33 +48,33 @@ class KVCache:
 
 @dataclass
 class MediaKV:
-    """Cross-attention keys/values of the media of B rows, for all X cross-attention layers.
+    """Cross-attention keys/values of the media of B rows, one tensor per cross-attention layer.
 
-    k, v: (X, B, Hx, M, dx). key_time: (B, M), the 1-based index of the media item (image) each key belongs to,
-    0 for padding keys. A text token whose running `<image>` count is t attends to the keys with key_time == t.
+    k[x], v[x]: (B, Hx, M, dx) for cross-attention layer x (kept as a list: views of each layer's projection, never
+    stacked into one copy). key_time: (B, M), the 1-based index of the media item (image) each key belongs to, 0 for
+    padding keys. A text token whose running `<image>` count is t attends to the keys with key_time == t.
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
     key_time: torch.Tensor
 
     @classmethod
     def empty(cls, layers: int, rows: int, max_tokens: int, heads: int, dim_head: int, *, dtype, device) -> "MediaKV":
-        shape = (layers, rows, heads, max_tokens, dim_head)
-        return cls(
-            k=torch.zeros(shape, dtype=dtype, device=device),
-            v=torch.zeros(shape, dtype=dtype, device=device),
-            key_time=torch.zeros(rows, max_tokens, dtype=torch.long, device=device),
-        )
+        def zeros():
+            return torch.zeros(rows, heads, max_tokens, dim_head, dtype=dtype, device=device)
+
+        return cls(k=[zeros() for _ in range(layers)], v=[zeros() for _ in range(layers)],
+                   key_time=torch.zeros(rows, max_tokens, dtype=torch.long, device=device))  # fmt: skip
 
     @property
     def max_tokens(self) -> int:
-        return self.k.shape[3]
+        return self.key_time.shape[1]
 
     def rows(self, n: int, tokens: int | None = None) -> "MediaKV":
         """View of rows [0, n) and keys [0, tokens)."""
         m = self.max_tokens if tokens is None else tokens
-        return MediaKV(self.k[:, :n, :, :m], self.v[:, :n, :, :m], self.key_time[:n, :m])
+        return MediaKV([t[:n, :, :m] for t in self.k], [t[:n, :, :m] for t in self.v], self.key_time[:n, :m])
 
     def store_last_image(self, slot: int, source: "MediaKV", row: int) -> int:
         """Copy the keys of the LAST image of `source` row `row` into row `slot` as media item 1; returns its length.
@@ -87,11 +87,12 @@ class MediaKV:
         n = idx.numel()
         if n > self.max_tokens:
             raise ValueError(f"image has {n} visual tokens, over the media cache's {self.max_tokens} per slot")
-        self.k[:, slot, :, :n] = source.k[:, row].index_select(2, idx)  # (X, Hx, n, dx)
-        self.v[:, slot, :, :n] = source.v[:, row].index_select(2, idx)
+        for dst, src in ((self.k, source.k), (self.v, source.v)):
+            for x in range(len(dst)):
+                dst[x][slot, :, :n] = src[x][row].index_select(1, idx)  # (Hx, n, dx)
         self.key_time[slot] = 0
         self.key_time[slot, :n] = 1 if n else 0
         return n
 
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)

@@ -224,11 +224,14 @@ class InfiMMHDConfig:
 
 PRESETS: dict[str, InfiMMHDConfig] = {
     "infimm-hd-13b": InfiMMHDConfig(),
-    # Small enough for CPU tests and demos: the shapes of the golden vectors' model (../shared/golden/config.json),
-    # with the vocabulary of the tiny tokenizer that `weights.make_tiny_checkpoint` builds.
+    # Small enough for CPU tests and demos: the shapes of the golden vectors' model (../shared/golden/config.json)
+    # except the cross-attention width (4 x 16 instead of the official 12 x 64: at the official width the media keys
+    # and values are 24x the size of this decoder and dominate every CPU run), with the vocabulary of the tiny
+    # tokenizer that `weights.make_tiny_checkpoint` builds.
     "tiny": InfiMMHDConfig(
         vision=VisionConfig(width=64, layers=2, head_width=16, mlp_ratio=2.6875, embed_dim=32),
         text=TextConfig(vocab_size=512, hidden=64, layers=8, heads=4, kv_heads=4, intermediate=160, max_positions=1024),
+        xattn=CrossAttnConfig(heads=4, dim_head=16),
         image_token_id=511,
         eoc_token_id=510,
     ),

@@ -63,7 +63,7 @@ class InfiMMHD(nn.Module):
             key_time = torch.arange(1, I + 1, device=media.device).repeat_interleave(N).expand(B, -1)
         flat = media.to(self.decoder.embed_tokens.weight.dtype)  # (B, M, Dv)
         ks, vs = zip(*(block.attn.project_media(flat) for block in self.xattn.values()))
-        return MediaKV(k=torch.stack(ks), v=torch.stack(vs), key_time=key_time)
+        return MediaKV(k=list(ks), v=list(vs), key_time=key_time)
 
     # ---- decoder ------------------------------------------------------------------------------------------------
     def decode_layers(self, input_ids: torch.Tensor, ctx: SelfAttnContext, xin: CrossAttnInputs | None) -> torch.Tensor:

@@ -25,7 +25,7 @@ from .config import CrossAttnConfig
 class CrossAttnInputs:
     """Everything the cross-attention blocks of one forward pass share."""
 
-    media: MediaKV  # k, v (X, B, Hx, M, dx)
+    media: MediaKV  # per cross-attention layer: k, v (B, Hx, M, dx)
     mask: torch.Tensor  # (B, 1, T, M) bool, True = may attend
     attends: torch.Tensor  # (B, 1, T, 1) bool, False where text_time == 0 (output forced to 0)
     flag: torch.Tensor  # (B, 1, 1) bool, rows with at least one <image>
