@@ -1,0 +1,187 @@
+"""The Ray Serve app: a thin OpenAI-compatible ingress plus the model deployment that owns the engine.
+
+    serve run deployments.app:build_app                 # defaults (tiny RANDOM weights without a checkpoint)
+    serve run infra/serve.yaml                          # the production config (GPUs, autoscaling, limits)
+    infimm-hd serve --checkpoint DIR --port 8000        # local convenience (deployments/cli.py)
+
+`OpenAIIngress` (CPU, scales on HTTP load) parses and checks requests, downloads and cuts images, and streams answers;
+`InfimmModel` (one GPU each, autoscaled on ongoing requests) tokenizes and generates. Requests from every ingress
+replica meet in a model replica's engine, whose background loop batches them step by step (continuous batching).
+
+Backpressure, outermost first: the proxy's queue for the ingress (`max_queued_requests` of OpenAIIngress: Serve's own
+plain-text 503, with Retry-After from `backpressure_config`), the ingress's handle queue for the model (BackPressureError
+-> our OpenAI-body 503 + Retry-After), and the engine queue (`max_waiting` -> 503). `max_ongoing_requests` of
+InfimmModel bounds what one engine holds; keep it at about 2x `max_slots` so a freed slot is refilled at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is imported: keep Ray on loopback
+
+from ray import serve  # noqa: E402
+from ray.serve import Application  # noqa: E402
+from ray.serve.handle import DeploymentHandle  # noqa: E402
+
+from .config import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, ServeArgs  # noqa: E402
+from .engine_server import EngineServer, GenerationPayload  # noqa: E402
+from .frontend import Frontend, FrontendSettings, make_api  # noqa: E402
+from .images import ImageFetcher, ImagePolicy  # noqa: E402
+from .schemas import APIError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def load_engine(a: ServeArgs, observer=None):
+    """The engine a model replica owns (the batch pipeline's engine, with the same WindowConfig defaults)."""
+    import torch
+
+    from model.cli import RANDOM_BANNER, default_tiny_checkpoint
+    from model.engine import Engine, EngineConfig
+
+    checkpoint = a.checkpoint
+    if not checkpoint:
+        log.warning("\n%s", RANDOM_BANNER)
+        checkpoint = default_tiny_checkpoint()
+    return Engine.from_pretrained(
+        checkpoint,
+        device=a.device,
+        dtype=getattr(torch, a.dtype) if a.dtype else None,
+        config=EngineConfig(max_slots=a.max_slots, max_seq_len=a.max_seq_len),
+        windows=a.window_config(),
+        prompt_format=a.prompt_format,
+        observer=observer,
+    )
+
+
+def _metrics(a: ServeArgs):
+    if not a.metrics:
+        return None
+    from model.metrics import Metrics
+
+    return Metrics(frontend="serve")
+
+
+@serve.deployment(
+    name=MODEL_DEPLOYMENT,
+    max_ongoing_requests=16,
+    max_queued_requests=64,
+    backpressure_config={"status_code": 503, "retry_after_s": 1},
+    health_check_period_s=10,
+    health_check_timeout_s=30,
+)
+class InfimmModel:
+    """Owns one engine; every method is safe to call concurrently (the engine queues and batches)."""
+
+    def __init__(self, args: dict):
+        a = ServeArgs.model_validate(args)
+        metrics = _metrics(a)
+        engine = load_engine(a, observer=metrics.engine_observer() if metrics else None)
+        self.server = EngineServer(engine, a.limits, max_waiting=a.max_waiting, retry_after_s=a.retry_after_s)
+
+    async def complete(self, payload: GenerationPayload) -> dict:
+        return await self.server.complete(payload)
+
+    async def stream(self, payload: GenerationPayload):
+        async for event in self.server.stream(payload):
+            yield event
+
+    async def stats(self) -> dict:
+        return self.server.stats()
+
+    def check_health(self) -> None:  # Serve calls this every health_check_period_s; raising restarts the replica
+        self.server.check_health()
+
+    def __del__(self):
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.shutdown()
+
+
+class HandleModelClient:
+    """ModelClient over a DeploymentHandle: Serve's overload and failure exceptions become OpenAI-body errors."""
+
+    def __init__(self, handle: DeploymentHandle):
+        self.handle = handle
+
+    async def complete(self, payload: GenerationPayload) -> dict:
+        response = self.handle.complete.remote(payload)
+        try:
+            return await response
+        except asyncio.CancelledError:  # our timeout or the client went away: stop the work in the replica too
+            response.cancel()
+            raise
+        except Exception as e:
+            raise _translate(e) from None
+
+    async def stream(self, payload: GenerationPayload):
+        gen = self.handle.options(stream=True).stream.remote(payload)
+        try:
+            async for event in gen:
+                yield event
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            raise _translate(e) from None
+        finally:
+            gen.cancel()  # no-op when finished; otherwise aborts the request in the engine
+
+    async def stats(self) -> dict:
+        try:
+            return await self.handle.stats.remote()
+        except Exception as e:
+            raise _translate(e) from None
+
+
+def _translate(e: Exception) -> APIError:
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(e, BackPressureError):
+        return APIError(503, "all model replicas are at capacity; retry later", "overloaded")
+    if isinstance(e, (DeploymentUnavailableError, RayActorError)):
+        return APIError(503, f"the model is unavailable ({type(e).__name__}); retry later", "model_unavailable")
+    log.error("model call failed: %r", e)
+    return APIError(500, "the model replica failed; see the replica log", "internal_error")
+
+
+@serve.deployment(
+    name=INGRESS_DEPLOYMENT,
+    max_ongoing_requests=256,
+    max_queued_requests=256,
+    backpressure_config={"status_code": 503, "retry_after_s": 1},
+)
+@serve.ingress()
+class OpenAIIngress:
+    """Thin HTTP front: FastAPI routes from frontend.make_api around a handle to InfimmModel."""
+
+    def __init__(self, model: DeploymentHandle, args: dict):
+        a = ServeArgs.model_validate(args)
+        api_key = a.api_key or os.environ.get(a.api_key_env) or None
+        policy = ImagePolicy(max_image_bytes=a.limits.max_image_bytes, windows=a.window_config(),
+                             allowed_http_hosts=tuple(a.allowed_http_hosts), s3_endpoint_url=a.s3_endpoint_url,
+                             fetch_timeout_s=a.fetch_timeout_s)  # fmt: skip
+        settings = FrontendSettings(model_name=a.model_name, limits=a.limits, api_key=api_key,
+                                    request_timeout_s=a.request_timeout_s, retry_after_s=a.retry_after_s)  # fmt: skip
+        self.frontend = Frontend(HandleModelClient(model), ImageFetcher(policy), settings, _metrics(a))
+        log.info("ingress for %r: auth %s, http image hosts %s", a.model_name, "on" if api_key else "off",
+                 a.allowed_http_hosts or "off")  # fmt: skip
+
+    def __serve_build_asgi_app__(self):
+        return make_api(self.frontend)
+
+
+def compose(args: ServeArgs, options: dict[str, dict] | None = None) -> Application:
+    """Ingress(model) with per-deployment option overrides (the `deployments:` block of a Serve config)."""
+    options = options or {}
+    plain = args.model_dump()
+    model = InfimmModel.options(**options.get(MODEL_DEPLOYMENT, {})).bind(plain)
+    return OpenAIIngress.options(**options.get(INGRESS_DEPLOYMENT, {})).bind(model, plain)
+
+
+def build_app(args: dict) -> Application:
+    """The builder `serve run deployments.app:build_app key=value ...` and infra/serve.yaml point at."""
+    return compose(ServeArgs.model_validate(args or {}))

@@ -1,0 +1,118 @@
+"""Settings of the online service: the builder's `args` (from `infra/serve.yaml` or `infimm-hd serve`) and the limits.
+
+`ServeArgs` is plain data handed to both deployments; each takes what it needs. Unknown keys are refused so a typo in
+the YAML fails the deploy instead of being ignored. `application_from_config` turns a Serve config file (the same one
+`serve run` / `serve deploy` read) into an Application, so the CLI and the tests deploy exactly that file.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# The import path that infra/serve.yaml points at; `application_from_config` only builds this app.
+IMPORT_PATH = "deployments.app:build_app"
+MODEL_DEPLOYMENT = "InfimmModel"
+INGRESS_DEPLOYMENT = "OpenAIIngress"
+
+
+class Limits(BaseModel):
+    """What one request may ask for. Each is answered with a clear 4xx naming the limit (see README)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_request_bytes: int = Field(20 * 2**20, ge=1024, description="HTTP body size (base64 images count here)")
+    max_image_bytes: int = Field(10 * 2**20, ge=1, description="one image after base64 decoding or download")
+    max_images: int = Field(4, ge=0, description="images per request")
+    max_megapixels: float = Field(40.0, gt=0, description="declared width x height, read from the header before decoding")
+    max_windows: int = Field(34, ge=1, description="448x448 views per request over all images (windows + thumbnails)")
+    max_prompt_tokens: int = Field(4096, ge=1, description="tokens of the rendered prompt, image placeholders included")
+    max_tokens: int = Field(1024, ge=1, description="largest max_tokens a client may ask for")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when the request names none")
+    max_stop: int = Field(4, ge=0, description="stop strings per request (OpenAI allows 4)")
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.max_megapixels * 1_000_000)
+
+
+class ServeArgs(BaseModel):
+    """Arguments of `build_app` (the `args:` block of infra/serve.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # model replica
+    checkpoint: str | None = Field(None, description="checkpoint folder; None = tiny RANDOM weights (demo only)")
+    model_name: str = Field("infimm-hd", description="the `model` id clients send and /v1/models lists")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1; default: cuda if the replica sees a GPU")
+    dtype: str | None = Field(None, description="float32 | bfloat16; default: bfloat16 on GPU, float32 on CPU")
+    prompt_format: str = "vicuna"
+    max_slots: int = Field(8, ge=1, description="engine decode slots per replica (continuous batching width)")
+    max_seq_len: int = Field(1024, ge=16, description="prompt + new tokens per request")
+    max_windows_per_image: int = Field(16, ge=1, description="WindowConfig.max_windows; the batch pipeline's default")
+    max_waiting: int | None = Field(None, ge=0, description="engine queue depth at which a replica answers 503")
+    # ingress
+    limits: Limits = Field(default_factory=Limits)
+    api_key: str | None = Field(None, description="bearer token clients must send; None = read api_key_env")
+    api_key_env: str = Field("INFIMM_API_KEY", description="environment variable holding the key (unset = no auth)")
+    allowed_http_hosts: list[str] = Field(default_factory=list, description="hosts http(s) image URLs may name")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint for s3:// images; default: boto3's chain")
+    fetch_timeout_s: float = Field(10.0, gt=0, description="per image download")
+    request_timeout_s: float = Field(300.0, gt=0, description="whole request, first byte to last token")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After of our 503 answers")
+    metrics: bool = Field(True, description="export ray_infimm_* from the replicas")
+
+    def window_config(self):
+        from model.windows import WindowConfig
+
+        return WindowConfig(max_windows=self.max_windows_per_image, max_pixels=self.limits.max_pixels)
+
+
+# ---- Serve config files -------------------------------------------------------------------------------------------------
+def load_serve_config(path: str | Path) -> dict:
+    """Read and validate a Serve config file with Serve's own schema (what `serve deploy` checks)."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(Path(path).read_text())
+    ServeDeploySchema.model_validate(config)
+    return config
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    """Overrides win; dict values (ray_actor_options, autoscaling_config, limits) merge one level deeper."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def application_from_config(config: dict, args: dict | None = None, deployments: dict[str, dict] | None = None):
+    """The InfiMM-HD app of a Serve config dict as an Application, with `args` and per-deployment option overrides
+    merged in (as `serve deploy` applies the file's `deployments:` block over the code's defaults).
+
+    Returns (application, app_name, route_prefix, http_options)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from .app import compose
+
+    schema = ServeDeploySchema.model_validate(config)
+    apps = [a for a in schema.applications if a.import_path == IMPORT_PATH]
+    if len(apps) != 1:
+        raise ValueError(f"expected one application with import_path {IMPORT_PATH!r} in the config, found {len(apps)}")
+    app = apps[0]
+    merged_args = _merge(app.args or {}, args or {})
+    options = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app.deployments}
+    for name, extra in (deployments or {}).items():
+        options[name] = _merge(options.get(name, {}), extra)
+    unknown = set(options) - {MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT}
+    if unknown:
+        raise ValueError(f"config names unknown deployments {sorted(unknown)}; this app has "
+                         f"{MODEL_DEPLOYMENT} and {INGRESS_DEPLOYMENT}")  # fmt: skip
+    http = schema.http_options.model_dump(exclude_unset=True)
+    return compose(ServeArgs.model_validate(merged_args), options), app.name, app.route_prefix, http

@@ -1,0 +1,297 @@
+"""The HTTP layer: OpenAI-compatible routes over a `ModelClient`, with auth, limits, timeouts and backpressure answers.
+
+No Ray here. `make_api(Frontend(...))` is the FastAPI app; the Serve ingress builds it around a client that calls
+the model deployment through a DeploymentHandle (app.py), tests build it around an in-process `EngineServer`.
+
+    POST /v1/chat/completions    chat with text and image_url parts; stream=true answers server-sent events
+    GET  /v1/models              the one served model
+    GET  /health                 liveness of this ingress (no model call)
+    GET  /ready                  readiness: the model deployment answers and its engine loop runs (503 otherwise)
+
+Every error is the OpenAI body {"error": {message, type, param, code}}; 503s carry Retry-After; a request that runs past
+`request_timeout_s` is aborted in the engine and answered 504 (or, once streaming, with an error event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.processor import ChatMessage
+
+from .config import Limits
+from .engine_server import EngineServer, GenerationPayload
+from .images import ImageFetcher
+from .schemas import APIError, ChatCompletionRequest, ImagePart, chunk_body, completion_body, parse_request, sse, usage
+
+log = logging.getLogger(__name__)
+
+
+class ModelClient(Protocol):
+    async def complete(self, payload: GenerationPayload) -> dict: ...
+    def stream(self, payload: GenerationPayload) -> AsyncIterator[dict]: ...
+    async def stats(self) -> dict: ...
+
+
+class LocalModelClient:
+    """A ModelClient over an in-process EngineServer (tests, benchmarks)."""
+
+    def __init__(self, server: EngineServer):
+        self.server = server
+
+    async def complete(self, payload: GenerationPayload) -> dict:
+        return await self.server.complete(payload)
+
+    def stream(self, payload: GenerationPayload) -> AsyncIterator[dict]:
+        return self.server.stream(payload)
+
+    async def stats(self) -> dict:
+        return self.server.stats()
+
+
+@dataclass
+class FrontendSettings:
+    model_name: str = "infimm-hd"
+    limits: Limits = Limits()
+    api_key: str | None = None
+    request_timeout_s: float = 300.0
+    retry_after_s: int = 1
+    ready_timeout_s: float = 5.0
+
+
+class _NoMetrics:
+    def set(self, *a, **k) -> None: ...
+    def rejected(self, *a, **k) -> None: ...
+
+
+class Frontend:
+    def __init__(self, client: ModelClient, fetcher: ImageFetcher, settings: FrontendSettings, metrics=None):
+        self.client = client
+        self.fetcher = fetcher
+        self.settings = settings
+        self.metrics = metrics or _NoMetrics()
+        self.ongoing = 0
+
+    # ---- helpers --------------------------------------------------------------------------------------------------------
+    def error_response(self, err: APIError) -> JSONResponse:
+        headers = dict(err.headers)
+        if err.status == 503:
+            headers.setdefault("Retry-After", str(self.settings.retry_after_s))
+        if err.status == 401:
+            headers.setdefault("WWW-Authenticate", "Bearer")
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+    def check_auth(self, request: Request) -> None:
+        key = self.settings.api_key
+        if not key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", "missing_api_key")
+        if not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise APIError(401, "invalid API key", "invalid_api_key")
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.settings.limits.max_request_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body is {declared} bytes, over the {limit}-byte limit (max_request_bytes)",
+                           "request_too_large")  # fmt: skip
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise APIError(413, f"request body is over the {limit}-byte limit (max_request_bytes)",
+                               "request_too_large")  # fmt: skip
+        return bytes(body)
+
+    def _set_ongoing(self, delta: int) -> None:
+        self.ongoing += delta
+        self.metrics.set("infimm_ongoing_requests", self.ongoing)
+
+    # ---- request -> payload ----------------------------------------------------------------------------------------------
+    def check_request(self, req: ChatCompletionRequest) -> None:
+        lim = self.settings.limits
+        if req.model != self.settings.model_name:
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.settings.model_name!r}",
+                           "model_not_found", param="model")  # fmt: skip
+        bad = req.unsupported()
+        if bad:
+            raise APIError(400, bad[1], "unsupported_parameter", param=bad[0])
+        want = req.requested_max_tokens
+        if want is not None and want > lim.max_tokens:
+            raise APIError(400, f"max_tokens {want} is over this server's limit of {lim.max_tokens}", "max_tokens_too_large",
+                           param="max_tokens")  # fmt: skip
+        stops = req.stop_list
+        if len(stops) > lim.max_stop or any(not s for s in stops):
+            raise APIError(400, f"stop takes up to {lim.max_stop} non-empty strings", "invalid_stop", param="stop")
+        n_images = 0
+        for i, m in enumerate(req.messages):
+            imgs = sum(isinstance(p, ImagePart) for p in m.parts())
+            if imgs and m.role != "user":
+                raise APIError(400, f"messages[{i}] ({m.role}) has an image; images belong in user messages",
+                               "invalid_request", param=f"messages[{i}].content")  # fmt: skip
+            n_images += imgs
+        if n_images > lim.max_images:
+            raise APIError(400, f"request has {n_images} images, over the limit of {lim.max_images} (max_images)",
+                           "too_many_images", param="messages")  # fmt: skip
+
+    async def build_payload(self, req: ChatCompletionRequest, request_id: str) -> GenerationPayload:
+        urls = [p.image_url.url for m in req.messages for p in m.parts() if isinstance(p, ImagePart)]
+        loaded = await asyncio.gather(*(self.fetcher.load(u) for u in urls), return_exceptions=True)
+        for x in loaded:
+            if isinstance(x, BaseException):
+                raise x
+        views = sum(p.n_views for p in loaded)
+        limit = self.settings.limits.max_windows
+        if views > limit:
+            raise APIError(400, f"the request's images make {views} 448x448 views (windows + thumbnails), over the "
+                           f"limit of {limit} (max_windows); send fewer or smaller pages", "too_many_windows",
+                           param="messages")  # fmt: skip
+        pages = iter(loaded)
+        messages = []
+        for m in req.messages:
+            parts = [next(pages) if isinstance(p, ImagePart) else p.text for p in m.parts()]
+            messages.append(ChatMessage("system" if m.role == "developer" else m.role, parts))
+        return GenerationPayload(
+            request_id=request_id,
+            messages=messages,
+            max_tokens=req.requested_max_tokens,
+            temperature=0.0 if req.temperature is None else req.temperature,  # greedy unless asked: the batch default
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k or 0,
+            seed=req.seed,
+            stop=tuple(req.stop_list),
+            min_tokens=req.min_tokens or 0,
+            ignore_eos=req.ignore_eos,
+        )
+
+    # ---- routes ---------------------------------------------------------------------------------------------------------
+    async def chat_completions(self, request: Request) -> Response:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout_s
+        request_id = uuid.uuid4().hex
+        self._set_ongoing(+1)
+        handed_to_stream = False
+        try:
+            self.check_auth(request)
+            req = parse_request(await self.read_body(request))
+            self.check_request(req)
+            payload = await _within(self.build_payload(req, request_id), deadline, loop)
+            if req.stream:
+                stream = self.client.stream(payload)
+                try:
+                    first = await _within(anext(stream), deadline, loop)
+                except BaseException:
+                    await stream.aclose()
+                    raise
+                if first["event"] == "error":
+                    await stream.aclose()
+                    raise APIError.from_event(first)
+                include_usage = bool(req.stream_options and req.stream_options.include_usage)
+                body = self._sse(stream, request_id, include_usage, deadline)
+                handed_to_stream = True
+                return StreamingResponse(body, media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+            ev = await _within(self.client.complete(payload), deadline, loop)
+            if ev["event"] == "error":
+                raise APIError.from_event(ev)
+            return JSONResponse(completion_body(request_id, self.settings.model_name, ev["text"], ev["finish_reason"],
+                                                ev["prompt_tokens"], ev["completion_tokens"]))  # fmt: skip
+        except APIError as err:
+            self.metrics.rejected(err.code)
+            if err.status >= 500:
+                log.warning("request %s: %d %s", request_id, err.status, err.message)
+            return self.error_response(err)
+        finally:
+            if not handed_to_stream:
+                self._set_ongoing(-1)
+
+    async def _sse(self, stream: AsyncIterator[dict], request_id: str, include_usage: bool,
+                   deadline: float) -> AsyncIterator[bytes]:  # fmt: skip
+        loop = asyncio.get_running_loop()
+        name, created = self.settings.model_name, int(time.time())
+        try:
+            yield sse(chunk_body(request_id, name, created, {"role": "assistant", "content": ""}))
+            while True:
+                try:
+                    ev = await _within(anext(stream), deadline, loop)
+                except StopAsyncIteration:
+                    ev = APIError(500, "the model stream ended without a result", "engine_error").to_event()
+                if ev["event"] == "delta":
+                    yield sse(chunk_body(request_id, name, created, {"content": ev["text"]}))
+                elif ev["event"] == "end":
+                    yield sse(chunk_body(request_id, name, created, {}, ev["finish_reason"]))
+                    if include_usage:
+                        yield sse(chunk_body(request_id, name, created, None,
+                                             usage_=usage(ev["prompt_tokens"], ev["completion_tokens"])))  # fmt: skip
+                    yield sse("[DONE]")
+                    return
+                elif ev["event"] == "error":
+                    raise APIError.from_event(ev)
+        except APIError as err:  # headers are gone: report in the stream, as OpenAI does
+            self.metrics.rejected(err.code)
+            log.warning("stream %s: %d %s", request_id, err.status, err.message)
+            yield sse(err.body())
+        finally:
+            await stream.aclose()
+            self._set_ongoing(-1)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            self.check_auth(request)
+        except APIError as err:
+            self.metrics.rejected(err.code)
+            return self.error_response(err)
+        return JSONResponse({"object": "list", "data": [
+            {"id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "infimm-hd"}]})  # fmt: skip
+
+    async def ready(self) -> Response:
+        try:
+            stats = await asyncio.wait_for(self.client.stats(), self.settings.ready_timeout_s)
+        except APIError as err:
+            return self.error_response(APIError(503, f"model not ready: {err.message}", "not_ready"))
+        except Exception as e:  # timeout, replica gone
+            return self.error_response(APIError(503, f"model not ready: {type(e).__name__}: {e}", "not_ready"))
+        if not stats.get("alive", True):
+            return self.error_response(APIError(503, "model not ready: engine loop is not running", "not_ready"))
+        return JSONResponse({"status": "ready", "model": self.settings.model_name, "engine": stats,
+                             "ongoing_requests": self.ongoing})  # fmt: skip
+
+
+async def _within(awaitable, deadline: float, loop: asyncio.AbstractEventLoop):
+    """Await with what is left of the request's time; past it, cancel (which aborts in the engine) and answer 504."""
+    try:
+        return await asyncio.wait_for(awaitable, max(0.0, deadline - loop.time()))
+    except asyncio.TimeoutError:
+        raise APIError(504, "the request timed out before the model finished; it was aborted. Lower max_tokens or "
+                       "retry later", "timeout") from None  # fmt: skip
+
+
+def make_api(frontend: Frontend) -> FastAPI:
+    api = FastAPI(title="InfiMM-HD", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return frontend.error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code))
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return frontend.error_response(APIError(500, "internal error; see the server log", "internal_error"))
+
+    api.add_api_route("/v1/chat/completions", frontend.chat_completions, methods=["POST"])
+    api.add_api_route("/v1/models", frontend.models, methods=["GET"])
+    api.add_api_route("/health", lambda: {"status": "ok"}, methods=["GET"])
+    api.add_api_route("/ready", frontend.ready, methods=["GET"])
+    return api
