@@ -1,0 +1,85 @@
+"""Helpers for the online-service tests: test images, an in-process server on 127.0.0.1, bounded polling."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import threading
+import time
+import zlib
+from contextlib import contextmanager
+
+from PIL import Image, ImageDraw
+
+
+def page_png(width: int = 640, height: int = 820, text: str = "Invoice 42\nTotal: 17.50 EUR") -> bytes:
+    """A small document-like page (white, a few lines of text and rules)."""
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    for i, line in enumerate(text.splitlines() * 3):
+        d.text((40, 40 + 60 * i), line, fill="black")
+        d.line((40, 70 + 60 * i, width - 40, 70 + 60 * i), fill=(90, 90, 90), width=2)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def noise_png(side: int) -> bytes:
+    """Incompressible PNG of about 3 * side^2 bytes (for byte limits)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def bomb_png(width: int = 60000, height: int = 60000) -> bytes:
+    """A few hundred bytes whose header declares width x height pixels (a decompression bomb: 3.6 GP by default).
+
+    The IDAT stream inflates to the first rows only; a decoder that trusted the header would allocate gigabytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit greyscale
+    idat = zlib.compress(b"\x00" * (width + 1) * 4, 9)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def image_message(url: str, prompt: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": prompt}]}]  # fmt: skip
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
+    """Poll until predicate() is truthy (returned) or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what} not reached within {timeout:.0f}s (last: {last!r})")
+
+
+@contextmanager
+def run_asgi(app, port: int):
+    """Serve an ASGI app with uvicorn on 127.0.0.1:port in a thread; yields the base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, 30, 0.05, "uvicorn start")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

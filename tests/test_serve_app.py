@@ -1,0 +1,396 @@
+"""The online service on Ray Serve, end to end: infra/serve.yaml deployed on 127.0.0.1 with the tiny checkpoint
+(CPU overrides on top), talked to with the official `openai` client.
+
+One Serve app for the module (Ray for the session). Limits are lowered so each one is cheap to hit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ROOT, free_port
+from tests.serve_helpers import bomb_png, data_url, image_message, noise_png, page_png, wait_for
+
+API_KEY = "sk-test-" + uuid.uuid4().hex[:12]
+MODEL = "infimm-hd"
+LIMITS = {
+    "max_request_bytes": 2_000_000,
+    "max_image_bytes": 300_000,
+    "max_images": 4,
+    "max_megapixels": 40,
+    "max_windows": 34,
+    "max_prompt_tokens": 900,
+    "max_tokens": 900,
+    "default_max_tokens": 16,
+}
+MODEL_ONGOING, MODEL_QUEUED = 4, 4  # small so that backpressure is cheap to reach
+
+
+@pytest.fixture(scope="module")
+def serve_app(ray_session, s3_server, tiny_checkpoint):
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from deployments.config import application_from_config, load_serve_config
+
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    port = _get_global_client().http_config.port  # ours, or that of a Serve another test module started
+    s3_env = {"runtime_env": {"env_vars": s3_server.env()}}  # credentials for boto3 inside the ingress replica
+    app, name, prefix, http = application_from_config(
+        load_serve_config(ROOT / "infra" / "serve.yaml"),
+        args={"checkpoint": str(tiny_checkpoint), "max_slots": 2, "max_seq_len": 1024, "api_key": API_KEY,
+              "s3_endpoint_url": s3_server.endpoint, "request_timeout_s": 120, "limits": LIMITS},
+        deployments={
+            "InfimmModel": {"max_ongoing_requests": MODEL_ONGOING, "max_queued_requests": MODEL_QUEUED,
+                            "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1},
+                            "ray_actor_options": {"num_gpus": 0, "num_cpus": 1}},
+            "OpenAIIngress": {"max_ongoing_requests": 32, "max_queued_requests": 16,
+                              "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+                              "ray_actor_options": {"num_cpus": 0.5, **s3_env}},
+        },
+    )  # fmt: skip
+    assert http["host"] == "127.0.0.1", "infra/serve.yaml must bind loopback by default"
+    serve.run(app, name=name, route_prefix=prefix)
+    base = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(base=base, name=name, client=openai.OpenAI(base_url=base + "/v1", api_key=API_KEY,
+                                                                      max_retries=0, timeout=120))  # fmt: skip
+    serve.delete(name)
+
+
+@pytest.fixture(scope="module")
+def direct_engine(tiny_checkpoint):
+    """The batch pipeline's way: one Engine, default EngineConfig and WindowConfig, in this process."""
+    from model.engine import Engine
+
+    return Engine.from_pretrained(tiny_checkpoint, device="cpu")
+
+
+def post(app, body, key: str | None = API_KEY, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, (bytes, str)):
+        return httpx.post(app.base + "/v1/chat/completions", content=body, headers=headers, timeout=60, **kw)
+    return httpx.post(app.base + "/v1/chat/completions", json=body, headers=headers, timeout=60, **kw)
+
+
+def text_request(text: str = "Say something.", **extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}
+
+
+# ---- routes -------------------------------------------------------------------------------------------------------------
+def test_health_ready_and_models(serve_app):
+    assert httpx.get(serve_app.base + "/health").json() == {"status": "ok"}
+    ready = httpx.get(serve_app.base + "/ready", timeout=30)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["engine"]["slots"] == 2 and ready.json()["engine"]["alive"] is True
+    assert [m.id for m in serve_app.client.models.list().data] == [MODEL]
+
+
+# ---- answers ------------------------------------------------------------------------------------------------------------
+def test_page_answer_equals_the_engine_run_directly(serve_app, direct_engine):
+    """One engine, one truth: the HTTP answer for a PNG page + prompt (greedy) is the batch pipeline's answer."""
+    from model.sampling import SamplingParams
+
+    png, prompt, n = page_png(), "Transcribe the text of this page.", 12
+    r = serve_app.client.chat.completions.create(model=MODEL, messages=image_message(data_url(png), prompt),
+                                                 max_tokens=n, temperature=0)  # fmt: skip
+    want = direct_engine.generate([direct_engine.make_request(prompt, [png], SamplingParams(max_new_tokens=n))])[0]
+    assert r.choices[0].message.content == want.text
+    assert r.choices[0].finish_reason == want.finish_reason
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (want.prompt_tokens, want.completion_tokens)
+    assert r.model == MODEL and r.id.startswith("chatcmpl-")
+
+
+def test_stream_deltas_concatenate_to_the_non_streamed_text(serve_app):
+    msgs = image_message(data_url(page_png(500, 700)), "What is the total?")
+    full = serve_app.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20)
+    chunks = list(serve_app.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, stream=True,
+                                                          stream_options={"include_usage": True}))  # fmt: skip
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([p for p in pieces if p]) > 1, "expected the answer in several deltas"
+    assert "".join(pieces) == full.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [full.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert chunks[0].choices[0].delta.role == "assistant"
+
+
+def test_s3_image_from_seaweedfs(serve_app, s3_server):
+    png = page_png(700, 500, "Shipping note\nBox 3 of 7")
+    s3_server.create_bucket("serve-pages")
+    s3_server.client().put_object(Bucket="serve-pages", Key="docs/note 1.png", Body=png)
+    prompt = "Which box is this?"
+    via_s3 = serve_app.client.chat.completions.create(
+        model=MODEL, messages=image_message("s3://serve-pages/docs/note 1.png", prompt), max_tokens=10)
+    via_data = serve_app.client.chat.completions.create(
+        model=MODEL, messages=image_message(data_url(png), prompt), max_tokens=10)
+    assert via_s3.choices[0].message.content == via_data.choices[0].message.content
+    assert via_s3.usage.prompt_tokens == via_data.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError) as e:  # a missing image is the client's problem, said clearly
+        serve_app.client.chat.completions.create(
+            model=MODEL, messages=image_message("s3://serve-pages/docs/missing.png", prompt), max_tokens=4)
+    assert e.value.code == "image_not_found" and "missing.png" in e.value.message
+
+
+def test_sampling_parameters_are_honoured(serve_app):
+    c = serve_app.client
+    greedy = c.chat.completions.create(**text_request("Tell me a story.", max_tokens=24))
+    text = greedy.choices[0].message.content
+    # stop: the answer is cut before the first occurrence of the stop string, finish_reason "stop"
+    stop = next(ch for ch in text[3:] if ch.strip() and ch != "\ufffd")
+    cut = c.chat.completions.create(**text_request("Tell me a story.", max_tokens=24, stop=[stop]))
+    assert cut.choices[0].message.content == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    # seed: the same seed gives the same sample
+    a, b = (c.chat.completions.create(**text_request("Tell me a story.", max_tokens=16, temperature=1.0, top_p=0.9,
+                                                     seed=1234)).choices[0].message.content for _ in range(2))  # fmt: skip
+    assert a == b
+    # ignore_eos (extension): exactly max_tokens
+    exact = c.chat.completions.create(**text_request("Hi", max_tokens=40), extra_body={"ignore_eos": True})
+    assert exact.usage.completion_tokens == 40 and exact.choices[0].finish_reason == "length"
+
+
+# ---- client errors ------------------------------------------------------------------------------------------------------
+def _png_of(width: int, height: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), "white").save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _image_req(url: str, **extra) -> dict:
+    return {"model": MODEL, "messages": image_message(url, "Read it."), "max_tokens": 4, **extra}
+
+
+def _tokens(tiny_checkpoint, n: int) -> tuple[str, int]:
+    """A user text whose rendered prompt is just under n tokens (counted with the served tokenizer), and its count."""
+    from model.processor import ChatMessage, Processor
+
+    proc = Processor.from_pretrained(tiny_checkpoint)
+    count = lambda t: len(proc.encode(proc.render([ChatMessage("user", [t])])))  # noqa: E731
+    text = ""
+    while count(text + "alpha beta ") <= n:
+        text += "alpha beta "
+    return text, count(text)
+
+
+ERROR_CASES = {
+    # name: (request body, expected status, expected code)
+    "malformed_json": (b'{"model": "infimm-hd", "messages": [', 400, "invalid_json"),
+    "not_an_object": (b"[1, 2]", 400, "invalid_request"),
+    "wrong_role": (text_request() | {"messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_role"),
+    "tool_role": (text_request() | {"messages": [{"role": "tool", "content": "hi"}]}, 400, "invalid_role"),
+    "no_messages": (text_request() | {"messages": []}, 400, "invalid_request"),
+    "missing_image": ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+                      "invalid_request"),
+    "empty_image_url": (_image_req(""), 400, "invalid_request"),
+    "unknown_part_type": ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "video"}]}]}, 400,
+                          "invalid_request"),
+    "file_scheme": (_image_req("file:///etc/passwd"), 400, "unsupported_image_url"),
+    "ftp_scheme": (_image_req("ftp://example.com/page.png"), 400, "unsupported_image_url"),
+    "http_off_by_default": (_image_req("http://127.0.0.1:9/page.png"), 400, "unsupported_image_url"),
+    "bad_base64": (_image_req("data:image/png;base64,iVBORw0KGgo@@@not-base64@@@"), 400, "invalid_base64"),
+    "not_base64_data_url": (_image_req("data:image/png,rawbytes"), 400, "invalid_image_url"),
+    "not_an_image": (_image_req(data_url(b"this is plain text, not a picture")), 400, "invalid_image"),
+    "oversized_image": (_image_req(data_url(noise_png(400))), 413, "image_too_large"),
+    "decompression_bomb": (_image_req(data_url(bomb_png(60000, 60000))), 400, "image_too_many_pixels"),
+    "over_megapixels": (_image_req(data_url(bomb_png(8000, 6000))), 400, "image_too_many_pixels"),
+    "too_many_images": ({"model": MODEL, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(_png_of(64, 64))}}] * 5}]}, 400, "too_many_images"),
+    "too_many_windows": ({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(_png_of(1800, 1800))}}] * 3}]}, 400, "too_many_windows"),
+    "image_in_system_message": ({"model": MODEL, "messages": [{"role": "system", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(_png_of(64, 64))}}]}]}, 400, "invalid_request"),
+    "max_tokens_over_limit": (text_request(max_tokens=5000), 400, "max_tokens_too_large"),
+    "max_tokens_zero": (text_request(max_tokens=0), 400, "invalid_request"),
+    "temperature_out_of_range": (text_request(temperature=7), 400, "invalid_request"),
+    "five_stop_strings": (text_request(stop=["a", "b", "c", "d", "e"]), 400, "invalid_stop"),
+    "n_2": (text_request(n=2), 400, "unsupported_parameter"),
+    "unknown_model": (text_request() | {"model": "gpt-4o"}, 404, "model_not_found"),
+    "request_too_large": (text_request("x" * 2_100_000), 413, "request_too_large"),
+    "typed_image_token": (text_request("look: <image>"), 400, "invalid_request"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_client_errors_are_clear_4xx_with_the_openai_body(serve_app, case):
+    body, status, code = ERROR_CASES[case]
+    r = post(serve_app, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["code"] == code and err["message"] and err["type"] in ("invalid_request_error",), err
+
+
+def test_prompt_limits(serve_app, tiny_checkpoint):
+    c = serve_app.client
+    long_text, _ = _tokens(tiny_checkpoint, 960)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(**text_request(long_text, max_tokens=4))
+    assert e.value.code == "prompt_too_long" and "900" in e.value.message
+    text, n = _tokens(tiny_checkpoint, 850)
+    with pytest.raises(openai.BadRequestError) as e:  # the prompt fits, prompt + max_tokens does not
+        c.chat.completions.create(**text_request(text, max_tokens=1024 - n + 1))
+    assert e.value.code == "context_length_exceeded"
+    ok = c.chat.completions.create(**text_request(text, max_tokens=1024 - n))
+    assert ok.usage.prompt_tokens == n
+
+
+def test_api_key_is_required_when_configured(serve_app):
+    assert post(serve_app, text_request(max_tokens=2), key=None).status_code == 401
+    r = post(serve_app, text_request(max_tokens=2), key="sk-wrong")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert r.headers["www-authenticate"] == "Bearer"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=serve_app.base + "/v1", api_key="sk-wrong", max_retries=0).models.list()
+    assert httpx.get(serve_app.base + "/health").status_code == 200  # probes need no key
+    assert post(serve_app, text_request(max_tokens=2)).status_code == 200
+
+
+def test_unknown_route_is_an_openai_404(serve_app):
+    r = httpx.get(serve_app.base + "/v1/completions")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+# ---- backpressure -------------------------------------------------------------------------------------------------------
+def _async_client(app) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=app.base + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+def scrape(port: int, wanted: set[str] = frozenset()):
+    """Samples from Ray's Prometheus export port once every name in `wanted` is there (else None)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+    return samples if wanted <= {s.name for s in samples} else None
+
+
+def _count(samples, name: str, **labels) -> float:
+    return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def test_full_model_queue_answers_503_with_retry_after_and_disconnects_abort(serve_app, ray_metrics_port):
+    """Fill the model replica (max_ongoing_requests) with long streams, then the ingress's queue for it
+    (max_queued_requests); the next request is refused at once with 503 + Retry-After. Closing the streams aborts
+    their generations in the engine."""
+
+    async def main():
+        client = _async_client(serve_app)
+        page = data_url(page_png(900, 1300))  # 7 views to attend to at every decode step: slow enough to hold
+        started: list = []
+
+        async def hold():
+            stream = await client.chat.completions.create(model=MODEL, messages=image_message(page, "Transcribe."),
+                                                          max_tokens=800, stream=True, extra_body={"ignore_eos": True})
+            started.append(stream)
+            async for _ in stream:
+                pass
+
+        async def until(cond, what):
+            deadline = time.monotonic() + 60
+            while not cond() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert cond(), what
+
+        # Serve counts every request not yet assigned to a replica as queued, so arrive in two waves: a burst of
+        # 2 x MODEL_QUEUED would be partly refused before the replica took its share.
+        running = [asyncio.create_task(hold()) for _ in range(MODEL_ONGOING)]
+        queued: list[asyncio.Task] = []
+        try:
+            await until(lambda: len(started) == MODEL_ONGOING, f"{MODEL_ONGOING} streams start")
+            for _ in range(MODEL_QUEUED):
+                queued.append(asyncio.create_task(hold()))
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # they reach the ingress's handle queue (and stay there: the replica is full)
+            assert len(started) == MODEL_ONGOING and not any(t.done() for t in running + queued), \
+                [t.exception() for t in running + queued if t.done()]
+            async with httpx.AsyncClient(timeout=30) as h:
+                r = await h.post(serve_app.base + "/v1/chat/completions", json=text_request(max_tokens=2),
+                                 headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
+            assert r.status_code == 503, r.text
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["code"] == "overloaded"
+            assert not any(t.done() for t in running), "a held stream ended before the probe: holders too short"
+        finally:
+            for t in running + queued:
+                t.cancel()
+            await asyncio.gather(*running, *queued, return_exceptions=True)
+            await client.close()
+
+    asyncio.run(main())
+
+    def idle():
+        r = httpx.get(serve_app.base + "/ready", timeout=30)
+        return r.status_code == 200 and r.json()["engine"]["active"] == 0 and r.json()["engine"]["waiting"] == 0
+
+    wait_for(idle, 60, 0.5, "engine idle after the clients went away")
+    # the held generations were aborted in the engine (not run to their 900 tokens)
+    aborted = lambda: _count(scrape(ray_metrics_port) or [], "ray_infimm_requests_total", finish_reason="abort")  # noqa: E731
+    assert wait_for(aborted, 60, 2.0, "aborted requests in the metrics") >= 1
+
+
+def test_64_clients_twice_get_200_or_503_with_retry_after(serve_app):
+    """Bounded load: 64 concurrent clients x 2 requests. Every answer is a 200 or a 503 with Retry-After; the
+    replicas stay healthy and serve afterwards."""
+    from ray import serve
+
+    async def client_task(client, i):
+        out = []
+        for j in range(2):
+            try:
+                r = await client.chat.completions.create(**text_request(f"Client {i} request {j}.", max_tokens=4))
+                out.append((200, r.choices[0].message.content is not None))
+            except openai.APIStatusError as e:
+                out.append((e.status_code, e.response.headers.get("retry-after")))
+            except openai.APIConnectionError as e:
+                out.append(("connection", repr(e)))
+        return out
+
+    async def main():
+        client = _async_client(serve_app)
+        try:
+            return [x for xs in await asyncio.gather(*(client_task(client, i) for i in range(64))) for x in xs]
+        finally:
+            await client.close()
+
+    t0 = time.monotonic()
+    results = asyncio.run(main())
+    assert len(results) == 128
+    bad = [r for r in results if not (r == (200, True) or (r[0] == 503 and r[1] and int(r[1]) >= 1))]
+    assert not bad, f"answers other than 200 / 503+Retry-After: {bad[:5]}"
+    n200 = sum(r[0] == 200 for r in results)
+    assert n200 >= 1
+    print(f"64x2 in {time.monotonic() - t0:.1f}s: {n200} x 200, {128 - n200} x 503")
+    assert httpx.get(serve_app.base + "/ready", timeout=30).status_code == 200
+    status = serve.status().applications[serve_app.name]
+    assert status.status == "RUNNING"
+    assert {d: s.status for d, s in status.deployments.items()} == {"InfimmModel": "HEALTHY", "OpenAIIngress": "HEALTHY"}
+    assert serve_app.client.chat.completions.create(**text_request(max_tokens=3)).usage.completion_tokens >= 1
+
+
+# ---- metrics ------------------------------------------------------------------------------------------------------------
+def test_serve_and_infimm_metrics_in_prometheus_text(serve_app, ray_metrics_port):
+    """Serve's built-in metrics and ours (model/metrics.py) come out of Ray's metrics export port."""
+    post(serve_app, b"{not json")  # at least one rejection, one success
+    serve_app.client.chat.completions.create(**text_request(max_tokens=3))
+    wanted = {"ray_serve_num_http_requests_total", "ray_serve_deployment_request_counter_total",
+              "ray_infimm_requests_total", "ray_infimm_rejected_requests_total", "ray_infimm_ongoing_requests",
+              "ray_infimm_prompt_tokens_total", "ray_infimm_decode_step_seconds_bucket",
+              "ray_infimm_request_latency_seconds_bucket"}  # fmt: skip
+
+    def ready():
+        samples = scrape(ray_metrics_port, wanted)
+        return samples if samples and _count(samples, "ray_infimm_rejected_requests_total", reason="invalid_json") else None
+
+    samples = wait_for(ready, 60, 2.0, "metrics exported")
+    assert _count(samples, "ray_infimm_requests_total", frontend="serve", finish_reason="length") >= 1
+    assert _count(samples, "ray_serve_num_http_requests_total") >= 1
