@@ -58,6 +58,7 @@ def ray_session(ray_metrics_port, tmp_path_factory):
             include_dashboard=False,
             _metrics_export_port=ray_metrics_port,
             log_to_driver=False,
+            _system_config={"metrics_report_interval_ms": 1000},  # metrics reach the exporter within ~1 s
             runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}},
         )
     yield ray
