@@ -1,0 +1,204 @@
+"""The HTTP layer without Ray: `make_api(Frontend(...))` around an in-process EngineServer (the real tiny engine),
+served by uvicorn on 127.0.0.1 and called with the official `openai` client.
+
+Here live the behaviours that need control over timing or the engine: request timeouts (504, aborted in the engine),
+the engine-queue limit (503), http(s) image hosts on an allow-list, and no-auth mode. Metrics go to a private
+prometheus_client registry so the counters can be read back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.server
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import free_port
+from tests.serve_helpers import data_url, image_message, noise_png, page_png, run_asgi, wait_for
+
+MODEL = "infimm-hd"
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    """A plain HTTP server on 127.0.0.1 with a page, a redirect, a 404 and an oversized image."""
+    files = {"/page.png": page_png(600, 800), "/big.png": noise_png(400)}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path in files:
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(files[self.path])))
+                self.end_headers()
+                self.wfile.write(files[self.path])
+            elif self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", "/page.png")
+                self.end_headers()
+            else:
+                self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield SimpleNamespace(port=server.server_address[1], files=files)
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_checkpoint, image_host):
+    """One engine (1 slot, at most 1 waiting) behind two frontends: `main` (generous timeout, http images allowed
+    from 127.0.0.1) and `short` (2 s request timeout)."""
+    import prometheus_client
+
+    from deployments.app import load_engine
+    from deployments.config import Limits, ServeArgs
+    from deployments.engine_server import EngineServer
+    from deployments.frontend import Frontend, FrontendSettings, LocalModelClient, make_api
+    from deployments.images import ImageFetcher, ImagePolicy
+    from model.metrics import Metrics
+
+    registry = prometheus_client.CollectorRegistry()
+    metrics = Metrics(frontend="serve", backend="prometheus", registry=registry)
+    limits = Limits(max_image_bytes=300_000, max_tokens=900)
+    args = ServeArgs(checkpoint=str(tiny_checkpoint), device="cpu", max_slots=1, limits=limits)
+    server = EngineServer(load_engine(args, observer=metrics.engine_observer()), limits, max_waiting=1)
+    client = LocalModelClient(server)
+
+    def frontend(timeout: float, hosts: tuple[str, ...]) -> Frontend:
+        policy = ImagePolicy(limits.max_image_bytes, args.window_config(), allowed_http_hosts=hosts)
+        settings = FrontendSettings(model_name=MODEL, limits=limits, request_timeout_s=timeout, retry_after_s=3)
+        return Frontend(client, ImageFetcher(policy), settings, metrics)
+
+    with run_asgi(make_api(frontend(120, ("127.0.0.1",))), free_port()) as main, \
+         run_asgi(make_api(frontend(2, ())), free_port()) as short:  # fmt: skip
+        yield SimpleNamespace(
+            main=main, short=short, server=server, registry=registry, image_host=image_host,
+            client=openai.OpenAI(base_url=main + "/v1", api_key="unused", max_retries=0, timeout=120),
+            short_client=openai.OpenAI(base_url=short + "/v1", api_key="unused", max_retries=0, timeout=60),
+        )  # fmt: skip
+    server.shutdown()
+
+
+def metric(stack, name: str, **labels) -> float:
+    return stack.registry.get_sample_value(name, {"frontend": "serve", **labels}) or 0.0
+
+
+def engine_idle(stack) -> bool:
+    s = stack.server.stats()
+    return s["active"] == 0 and s["waiting"] == 0
+
+
+def long_request(**extra) -> dict:
+    """A page question that runs for many seconds on the CPU (800 tokens, each attending to the page's views)."""
+    return {"model": MODEL, "messages": image_message(data_url(page_png(900, 1300)), "Transcribe."),
+            "max_tokens": 800, "extra_body": {"ignore_eos": True}, **extra}  # fmt: skip
+
+
+def test_no_api_key_configured_means_no_auth(stack):
+    r = httpx.post(stack.main + "/v1/chat/completions", timeout=60,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_http_image_from_an_allowed_host(stack):
+    url = f"http://127.0.0.1:{stack.image_host.port}/page.png"
+    via_http = stack.client.chat.completions.create(model=MODEL, messages=image_message(url, "Read."), max_tokens=8)
+    via_data = stack.client.chat.completions.create(
+        model=MODEL, messages=image_message(data_url(stack.image_host.files["/page.png"]), "Read."), max_tokens=8)
+    assert via_http.choices[0].message.content == via_data.choices[0].message.content
+
+
+@pytest.mark.parametrize("path, host, status, code", [
+    ("/page.png", "localhost", 400, "image_host_not_allowed"),  # same server, but not the allowed name
+    ("/redirect", "127.0.0.1", 400, "image_fetch_failed"),  # redirects are not followed
+    ("/nothing.png", "127.0.0.1", 400, "image_not_found"),
+    ("/big.png", "127.0.0.1", 413, "image_too_large"),
+])  # fmt: skip
+def test_http_image_refusals(stack, path, host, status, code):
+    url = f"http://{host}:{stack.image_host.port}{path}"
+    with pytest.raises(openai.APIStatusError) as e:
+        stack.client.chat.completions.create(model=MODEL, messages=image_message(url, "Read."), max_tokens=4)
+    assert (e.value.status_code, e.value.code) == (status, code), e.value.message
+
+
+def test_timeout_answers_504_and_aborts_the_generation(stack):
+    before = metric(stack, "infimm_requests_total", finish_reason="abort")
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as e:
+        stack.short_client.chat.completions.create(**long_request())
+    assert e.value.status_code == 504 and e.value.code == "timeout", e.value.message
+    assert time.monotonic() - t0 < 60, "the timeout must answer, not hang"
+    wait_for(lambda: engine_idle(stack), 30, 0.1, "engine idle after the timeout")
+    assert metric(stack, "infimm_requests_total", finish_reason="abort") == before + 1
+    assert metric(stack, "infimm_rejected_requests_total", reason="timeout") >= 1
+
+
+def test_stream_timeout_ends_with_an_error_event_and_aborts(stack):
+    before = metric(stack, "infimm_requests_total", finish_reason="abort")
+    stream = stack.short_client.chat.completions.create(**long_request(stream=True))  # headers came: a 200
+    got = []
+    with pytest.raises(openai.APIError) as e:
+        for chunk in stream:
+            got.append(chunk)
+    assert "timed out" in str(e.value.message)
+    assert got and got[0].choices[0].delta.role == "assistant"
+    wait_for(lambda: engine_idle(stack), 30, 0.1, "engine idle after the stream timeout")
+    assert metric(stack, "infimm_requests_total", finish_reason="abort") == before + 1
+
+
+def test_full_engine_queue_answers_503_with_retry_after(stack):
+    """1 slot busy + 1 request waiting = the engine's max_waiting: the next request is refused, not queued."""
+
+    async def main():
+        client = openai.AsyncOpenAI(base_url=stack.main + "/v1", api_key="unused", max_retries=0, timeout=120)
+        tasks = []
+
+        async def hold():
+            async for _ in await client.chat.completions.create(**long_request(stream=True)):
+                pass
+
+        async def until(cond, what):
+            deadline = time.monotonic() + 60
+            while not cond() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert cond(), what
+
+        try:
+            tasks.append(asyncio.create_task(hold()))
+            await until(lambda: stack.server.stats()["active"] == 1, "first request in its slot")
+            tasks.append(asyncio.create_task(hold()))
+            await until(lambda: stack.server.stats()["waiting"] == 1, "second request waiting")
+            async with httpx.AsyncClient(timeout=30) as h:
+                r = await h.post(stack.main + "/v1/chat/completions",
+                                 json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+            assert r.status_code == 503, r.text
+            assert r.headers["retry-after"] == "3"
+            assert r.json()["error"]["code"] == "engine_queue_full"
+            assert not any(t.done() for t in tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.close()
+
+    asyncio.run(main())
+    wait_for(lambda: engine_idle(stack), 30, 0.1, "engine idle after the clients left")
+
+
+def test_rejections_are_counted_and_the_ongoing_gauge_returns_to_zero(stack):
+    before = metric(stack, "infimm_rejected_requests_total", reason="invalid_json")
+    r = httpx.post(stack.main + "/v1/chat/completions", content=b"{oops")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    assert metric(stack, "infimm_rejected_requests_total", reason="invalid_json") == before + 1
+    assert metric(stack, "infimm_ongoing_requests") == 0

@@ -1,0 +1,131 @@
+"""Online-service pieces that need neither Ray running nor a model: the Serve config, request parsing, image URLs, CLI."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from deployments.config import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, ServeArgs, load_serve_config
+from deployments.images import ImageFetcher, ImagePolicy, decode_data_url
+from deployments.schemas import APIError, parse_request
+from model.windows import WindowConfig
+from tests.conftest import ROOT
+
+SERVE_YAML = ROOT / "infra" / "serve.yaml"
+
+
+def test_serve_yaml_is_a_serve_config_for_this_app():
+    config = load_serve_config(SERVE_YAML)  # Serve's own schema (what `serve deploy` validates)
+    assert config["http_options"]["host"] == "127.0.0.1"
+    (app,) = config["applications"]
+    assert app["import_path"] == "deployments.app:build_app"
+    args = ServeArgs.model_validate(app["args"])  # every key is a known field
+    deployments = {d["name"]: d for d in app["deployments"]}
+    assert set(deployments) == {MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT}
+    model = deployments[MODEL_DEPLOYMENT]
+    assert model["ray_actor_options"]["num_gpus"] == 1
+    auto = model["autoscaling_config"]
+    assert {"min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"} <= set(auto)
+    assert auto["min_replicas"] <= auto["max_replicas"]
+    for d in deployments.values():
+        assert d["max_ongoing_requests"] >= 1 and d["max_queued_requests"] >= 1
+        assert d["backpressure_config"] == {"status_code": 503, "retry_after_s": args.retry_after_s}
+    # a replica holds at least its engine's slots, and the autoscaling target is reachable below the cap
+    assert model["max_ongoing_requests"] >= args.max_slots
+    assert auto["target_ongoing_requests"] <= model["max_ongoing_requests"]
+    # one engine, one truth: pages are cut as the batch pipeline cuts them
+    assert args.window_config().max_windows == WindowConfig().max_windows
+    assert args.limits.max_windows >= args.window_config().max_windows + 1, "one full page must fit"
+
+
+def test_serve_args_refuse_unknown_keys():
+    with pytest.raises(ValueError, match="max_slot"):
+        ServeArgs.model_validate({"max_slot": 4})
+    with pytest.raises(ValueError, match="max_image_byte"):
+        ServeArgs.model_validate({"limits": {"max_image_byte": 4}})
+
+
+def test_application_from_the_yaml_builds_with_overrides():
+    from ray.serve import Application
+
+    from deployments.config import application_from_config
+
+    app, name, prefix, http = application_from_config(load_serve_config(SERVE_YAML), {"max_slots": 2},
+                                                      {MODEL_DEPLOYMENT: {"ray_actor_options": {"num_gpus": 0}}})
+    assert isinstance(app, Application) and (name, prefix) == ("infimm-hd", "/")
+    assert http["port"] == 8000
+    with pytest.raises(ValueError, match="unknown deployments"):
+        application_from_config(load_serve_config(SERVE_YAML), {}, {"Typo": {}})
+
+
+# ---- request parsing ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("body, param, code", [
+    (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+     "messages[0].content[0].image_url", "invalid_request"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
+     "messages[0].content[0].image_url.url", "invalid_request"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "function", "content": "x"}]}',
+     "messages[1].role", "invalid_role"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}', "top_p", "invalid_request"),
+])  # fmt: skip
+def test_parse_errors_name_the_field(body, param, code):
+    with pytest.raises(APIError) as e:
+        parse_request(body)
+    assert (e.value.status, e.value.param, e.value.code) == (400, param, code)
+    assert e.value.message.startswith(param)
+
+
+def test_string_content_and_parts_parse_the_same():
+    a = parse_request(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+    b = parse_request(b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}')
+    assert a.messages == b.messages
+    assert parse_request(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": "END"}').stop_list == [
+        "END"]  # fmt: skip
+
+
+# ---- image URLs -----------------------------------------------------------------------------------------------------------
+def test_data_urls():
+    raw = bytes(range(256)) * 10
+    b64 = base64.b64encode(raw).decode()
+    assert decode_data_url("data:image/png;base64," + b64, 10_000) == raw
+    wrapped = "\n".join(b64[i : i + 76] for i in range(0, len(b64), 76))  # MIME line breaks are fine
+    assert decode_data_url("data:image/jpeg;base64," + wrapped, 10_000) == raw
+    for url, status, code in [
+        ("data:image/png;base64," + b64, 413, "image_too_large"),  # limit below 2560 bytes (checked before decoding)
+        ("data:text/html;base64," + b64, 400, "invalid_image_url"),
+        ("data:image/png;base64", 400, "invalid_image_url"),
+        ("data:image/png;base64,abc$", 400, "invalid_base64"),
+    ]:
+        with pytest.raises(APIError) as e:
+            decode_data_url(url, 2000 if status == 413 else 10_000)
+        assert (e.value.status, e.value.code) == (status, code), url
+
+
+@pytest.mark.parametrize("url, allowed", [
+    ("https://docs.example.com/a.png", True),
+    ("https://DOCS.example.com/a.png", True),
+    ("http://127.0.0.1:8080/a.png", True),  # host:port entry
+    ("http://127.0.0.1:9090/a.png", False),
+    ("https://docs.example.com.evil.net/a.png", False),
+    ("https://docs.example.com@evil.net/a.png", False),  # userinfo trick: the host is evil.net
+    ("https://evil.net/?u=docs.example.com", False),
+])  # fmt: skip
+def test_http_allow_list_matches_hosts_exactly(url, allowed):
+    fetcher = ImageFetcher(ImagePolicy(1000, WindowConfig(), allowed_http_hosts=("docs.example.com", "127.0.0.1:8080")))
+    assert fetcher.host_allowed(url) is allowed
+
+
+# ---- CLI ------------------------------------------------------------------------------------------------------------------
+def test_cli_registers_serve_with_loopback_defaults():
+    from deployments.cli import plan
+    from model.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--checkpoint", "/tmp/ckpt", "--port", "8123"])
+    assert args.func.__module__ == "deployments.cli"
+    assert (args.host, args.port) == ("127.0.0.1", 8123)
+    _, name, prefix, http = plan(args, gpus=0)
+    assert (name, prefix, http) == ("infimm-hd", "/", {"host": "127.0.0.1", "port": 8123})
+    args = build_parser().parse_args(["serve", "--config", str(SERVE_YAML), "--port", "8124"])
+    _, _, _, http = plan(args, gpus=0)
+    assert http["host"] == "127.0.0.1" and http["port"] == 8124 and http["request_timeout_s"] == 360
