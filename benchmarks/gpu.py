@@ -247,7 +247,7 @@ def main(argv=None) -> dict:
         try:
             eng = Engine(model, proc, EngineConfig(max_slots=B, max_seq_len=max_seq, cuda_graphs=graphs,
                                                    max_views=1 + rows * cols, vit_batch_views=40,
-                                                   max_prefill_batch=B, feature_cache_mb=0), observer=obs)  # fmt: skip
+                                                   max_prefill_batch=8, feature_cache_mb=0), observer=obs)  # fmt: skip
             waves = []
             for wave in range(2):
                 reqs = job_requests(cfg, B, args.prompt_tokens, args.new_tokens, rows, cols, seed=100 + wave)

@@ -48,7 +48,7 @@ class EngineConfig:
     max_seq_len: int = 1024  # prompt + new tokens per slot
     max_views: int = 17  # views of the image a slot keeps for decoding (thumbnail + 16 windows)
     vit_batch_views: int = 32  # views per ViT forward (bounds activation memory)
-    max_prefill_batch: int = 16  # requests prefilled together
+    max_prefill_batch: int = 8  # requests admitted and prefilled together (bounds transient media K/V memory)
     feature_cache_mb: int = 1024  # LRU of encoded pages by content hash
     cuda_graphs: bool = True  # capture decode steps on CUDA (ignored on CPU)
     kv_bucket: int = 128  # decode attends to a multiple of this many columns (bounds graph variants)
@@ -411,19 +411,22 @@ class Engine:
         seconds = 0.0
         if todo:
             t0 = time.perf_counter()
-            pages = list(todo.items())
-            views = torch.cat([p.views for _, p in pages])  # (sum V, 3, 448, 448) uint8, still on the host
-            feats = []
+            pages = iter(todo.items())
+            views = torch.cat([p.views for p in todo.values()])  # (sum V, 3, 448, 448) uint8, still on the host
+            key, page = next(pages)
+            parts: list[torch.Tensor] = []
             for chunk in views.split(self.config.vit_batch_views):
                 x = normalize_views(chunk.to(self.device, non_blocking=True), self.dtype)
-                feats.append(self.model.encode_views(x))  # (v, N, Dv)
-            feats = torch.cat(feats)
-            offset = 0
-            for key, page in pages:
-                f = feats[offset : offset + page.n_views]
-                offset += page.n_views
-                encoded[key] = self.model.build_media(f, page.rows, page.cols)  # (V*N, Dv)
-                self.features.put(key, encoded[key])
+                feats = self.model.encode_views(x)  # (v, N, Dv)
+                while feats.shape[0]:  # hand the chunk's views to their pages; a page may span chunks
+                    take = page.n_views - sum(t.shape[0] for t in parts)
+                    parts.append(feats[:take])
+                    feats = feats[take:]
+                    if sum(t.shape[0] for t in parts) == page.n_views:  # page complete: its media, then free views
+                        encoded[key] = self.model.build_media(torch.cat(parts), page.rows, page.cols)  # (V*N, Dv)
+                        self.features.put(key, encoded[key])
+                        parts = []
+                        key, page = next(pages, (None, None))
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - t0

@@ -14,6 +14,7 @@ The 2-D sinusoidal window encoding `[table(col) | table(row)]` is added after th
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import warnings
@@ -187,8 +188,17 @@ def cut_views(img: Image.Image, cfg: WindowConfig = WindowConfig()) -> PageViews
 
 
 def prepare_image(data: bytes | Image.Image, cfg: WindowConfig = WindowConfig()) -> PageViews:
-    """bytes or PIL image -> PageViews. Raises ImageError with a clear message for unusable input."""
-    return cut_views(load_image(data, cfg), cfg)
+    """bytes or PIL image -> PageViews. Raises ImageError with a clear message for unusable input.
+
+    For bytes the content key (the engine's feature-cache key) is a hash of the file and the window settings, far
+    cheaper than hashing the cut views; other inputs are hashed by the engine when needed.
+    """
+    page = cut_views(load_image(data, cfg), cfg)
+    if isinstance(data, (bytes, bytearray)):
+        h = hashlib.blake2b(bytes(data), digest_size=16)
+        h.update(repr(cfg).encode())
+        page.key = "file-" + h.hexdigest()
+    return page
 
 
 def normalize_views(views: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
