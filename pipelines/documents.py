@@ -123,6 +123,9 @@ def open_document(data: bytes, uri: str, cfg: DecodeConfig) -> ImageDocument | P
     return ImageDocument(data, cfg.windows)
 
 
+_NO_VIEWS = {k: None for k in ("views", "n_views", "window", "width", "height", "grid_rows", "grid_cols")}
+
+
 # ---- the Ray stage -----------------------------------------------------------------------------------------------------
 class DecodePages:
     """Source rows (`uri`, `doc`, `prompts`, `done`) -> decoded page rows (DECODED_SCHEMA).
@@ -154,7 +157,7 @@ class DecodePages:
             return [p for p in prompts if f"{page}:{prompt_key(p)}" not in done]
 
         def error(page: int, kind: str, message: str, ps: list[str]) -> dict:
-            return {**base, "page": page, "prompts": ps, **error_fields(kind, message)}
+            return {**base, **_NO_VIEWS, "page": page, "prompts": ps, **error_fields(kind, message)}
 
         try:
             data = self.storage.read(uri, max_bytes=self.config.max_bytes)

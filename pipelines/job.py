@@ -82,6 +82,8 @@ class JobConfig:
             raise ValueError("--batch-size and --max-new-tokens must be >= 1")
         if not self.inputs:
             raise ValueError("give at least one --input")
+        if self.rows_per_file < 1 or self.flush_seconds < 0:
+            raise ValueError("--rows-per-file must be >= 1 and --flush-seconds >= 0")
 
 
 # ---- resume -------------------------------------------------------------------------------------------------------------
@@ -100,15 +102,17 @@ def read_done_ids(fs: pafs.FileSystem, path: str) -> set[str]:
         try:
             done.update(pq.read_table(part, columns=["id"], filesystem=fs).column("id").to_pylist())
         except Exception as e:
-            aside = f"{path.rstrip('/')}/_incomplete/{os.path.basename(part)}"
-            log.warning("unreadable part %s (%s): moved to %s; its rows will be redone", part, e, aside)
-            fs.move(part, aside)
+            aside = f"{path.rstrip('/')}/_incomplete"
+            log.warning("unreadable part %s (%s): moved to %s/; its rows will be redone", part, e, aside)
+            if isinstance(fs, pafs.LocalFileSystem):
+                fs.create_dir(aside, recursive=True)
+            fs.move(part, f"{aside}/{os.path.basename(part)}")
     return done
 
 
-def plan_sources(sources, prompts: tuple[str, ...], done: set[str]) -> tuple[list[dict], int]:
-    """Sources -> decode-stage records (one per document, all its prompts), minus what the output already has.
-    Returns (records, documents skipped as complete)."""
+def group_sources(sources, prompts: tuple[str, ...]) -> dict[tuple[str, str], list[str]]:
+    """(doc, uri) -> its prompts (manifest prompt, else the job's), each document once. Raises ValueError for
+    a document without any prompt or a manifest id used for two documents."""
     groups: dict[tuple[str, str], list[str]] = {}
     uri_of: dict[str, str] = {}
     for s in sources:
@@ -121,6 +125,13 @@ def plan_sources(sources, prompts: tuple[str, ...], done: set[str]) -> tuple[lis
                              "manifest")  # fmt: skip
         bucket = groups.setdefault((doc, s.uri), [])
         bucket += [p for p in ps if p not in bucket]
+    return groups
+
+
+def plan_sources(sources, prompts: tuple[str, ...], done: set[str]) -> tuple[list[dict], int]:
+    """Sources -> decode-stage records (one per document, all its prompts), minus what the output already has.
+    Returns (records, documents skipped as complete)."""
+    groups = group_sources(sources, prompts)
     done_by_doc: dict[str, set[str]] = defaultdict(set)
     for rid in done:
         doc, page, q = split_row_id(rid)
@@ -293,9 +304,11 @@ def _windows(config: JobConfig):
     return WindowConfig(max_windows=config.max_windows)
 
 
-def run_job(config: JobConfig, progress: bool = True, on_batch: Callable[[pa.Table], None] | None = None) -> dict:
+def run_job(config: JobConfig, progress: bool = True, on_batch: Callable[[pa.Table], None] | None = None,
+            sources: list | None = None, ray_address: str | None = None) -> dict:
     """Run the job to completion; returns the summary (also written to `_summary.json` and `_summary.png`).
-    `on_batch` sees every table of new rows after it is buffered (tests use it to interrupt a run)."""
+    `on_batch` sees every table of new rows after it is buffered; `sources` replaces listing `config.inputs`
+    (both for tests: interrupting a run, deleting an object between listing and reading)."""
     from model.weights import is_random_checkpoint
 
     from .summary import summarize, write_summary
@@ -306,11 +319,13 @@ def run_job(config: JobConfig, progress: bool = True, on_batch: Callable[[pa.Tab
     storage = Storage(config.s3)
     fs, out = storage.resolve(config.output)
     out = out.rstrip("/")
-    if storage.is_s3(config.output):
-        if not out or "/" not in out:
-            raise ValueError(f"--output {config.output}: give a prefix inside the bucket, e.g. s3://bucket/results/")
-    else:
-        fs.create_dir(out, recursive=True)
+    if storage.is_s3(config.output) and "/" not in out:
+        raise ValueError(f"--output {config.output}: give a prefix inside the bucket, e.g. s3://bucket/results/")
+    sources = list_sources(list(config.inputs), storage) if sources is None else sources
+    group_sources(sources, config.prompts)  # every check that can refuse the job, before anything is written
+
+    if not storage.is_s3(config.output):
+        fs.create_dir(out, recursive=True)  # (on S3 that would only leave a 0-byte marker object)
     if not config.resume:
         old = output_parts(fs, out)
         if old:
@@ -318,15 +333,14 @@ def run_job(config: JobConfig, progress: bool = True, on_batch: Callable[[pa.Tab
             for p in old:
                 fs.delete_file(p)
     _check_settings(fs, out, config)
-
     done = read_done_ids(fs, out)
-    sources = list_sources(list(config.inputs), storage)
     records, skipped_docs = plan_sources(sources, config.prompts, done)
     log.info("%d documents listed; %d rows already in %s; %d documents complete, %d to process",
              len(sources), len(done), config.output, skipped_docs, len(records))  # fmt: skip
 
-    ensure_ray()
-    config = resolve_resources(config)
+    if records:  # (nothing left to do needs no Ray)
+        ensure_ray(ray_address)
+        config = resolve_resources(config)
     generate = GenerateConfig(checkpoint=str(config.checkpoint), max_new_tokens=config.max_new_tokens,
                               max_windows=config.max_windows, max_slots=config.max_slots,
                               device="cpu" if config.gpus_per_actor == 0 else None,

@@ -83,13 +83,13 @@ def plot(summary: dict) -> bytes:
     if rate:
         a.step(t[1:], rate, where="pre", label="pages/s (per result batch)")
         a.axhline(run.get("pages_per_s", 0), color="k", ls="--", lw=1, label=f"mean {run.get('pages_per_s', 0):.2f}")
+        a.legend(loc="upper left", fontsize=8)
     a2 = a.twinx()
     a2.plot(t, pages, color="tab:orange", lw=1)
     a2.set_ylabel("pages done", color="tab:orange")
     a.set_xlabel("seconds since start")
     a.set_ylabel("pages/s")
     a.set_title(f"throughput ({run.get('pages', 0)} pages in {run.get('seconds', 0):.0f}s)")
-    a.legend(loc="upper left", fontsize=8)
     hist = summary["windows_per_page"]["histogram"]
     b.bar([int(k) for k in hist], list(hist.values()))
     b.set_xlabel("448x448 windows per page (thumbnail not counted)")

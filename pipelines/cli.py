@@ -1,0 +1,230 @@
+"""`infimm-hd batch ...`: run the document batch job here, or submit it to a Ray cluster.
+
+    infimm-hd batch run --input s3://scans/2024/ --output s3://results/2024/ --prompt "Transcribe this page."
+    infimm-hd batch submit --address http://HEAD:8265 [--env AWS_ACCESS_KEY_ID ...] [--wait] <the run flags>
+    infimm-hd batch status|logs|stop JOB_ID --address http://HEAD:8265
+
+Registered by model/cli.py through `add_commands(subparsers)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback; must precede `import ray`
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+log = logging.getLogger(__name__)
+
+
+def _pair(text: str) -> tuple[int, int]:
+    try:
+        lo, _, hi = text.partition(",")
+        return int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX (e.g. 1,4), got {text!r}") from None
+
+
+# (flag, argparse kwargs): shared by `run` and `submit`, and replayed by `submit` as the job's command line.
+RUN_OPTIONS: list[tuple[str, dict]] = [
+    ("--input", dict(dest="inputs", action="append", required=True, metavar="URI",
+                     help="s3://bucket/prefix/, a local folder, a glob, or a manifest (.jsonl/.csv/.parquet with uri, "
+                          "optional prompt and id); repeatable")),
+    ("--output", dict(required=True, metavar="URI", help="output folder, local or s3://bucket/prefix/")),
+    ("--prompt", dict(dest="prompts", action="append", metavar="TEXT",
+                      help="question asked of every page; repeatable (one row per page and prompt)")),
+    ("--prompts-file", dict(metavar="FILE", help="one prompt per non-empty line")),
+    ("--checkpoint", dict(metavar="DIR", help="official-layout checkpoint folder (default: tiny RANDOM weights)")),
+    ("--max-new-tokens", dict(type=int, default=512)),
+    ("--dpi", dict(type=int, default=150, help="PDF rasterization resolution")),
+    ("--max-pages", dict(type=int, default=1000, help="pages per document; later ones become page_limit rows")),
+    ("--max-windows", dict(type=int, default=16, help="cap on 448x448 windows per page")),
+    ("--actors", dict(type=_pair, default=(1, 1), metavar="MIN,MAX", help="engine actor pool size (autoscaling)")),
+    ("--gpus-per-actor", dict(type=float, default=None, help="default: 1 if the cluster has GPUs, else 0 (CPU)")),
+    ("--cpus-per-actor", dict(type=float, default=1.0)),
+    ("--batch-size", dict(type=int, default=16, help="pages per engine call (they share GPU steps)")),
+    ("--max-slots", dict(type=int, default=16, help="sequences the engine decodes together")),
+    ("--no-resume", dict(action="store_true", help="delete the earlier parts in --output and start over")),
+    ("--s3-endpoint", dict(metavar="URL", help="default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")),
+    ("--s3-region", dict(help="default: AWS_REGION / AWS_DEFAULT_REGION")),
+    ("--s3-anonymous", dict(action="store_true", help="unsigned requests (public buckets)")),
+    ("--rows-per-file", dict(type=int, default=5000)),
+    ("--flush-seconds", dict(type=float, default=60.0, help="write a part at least this often")),
+    ("--ray-progress", dict(action="store_true", help="also show Ray Data's per-stage progress bars")),
+]  # fmt: skip
+LOCAL_ONLY = ("--prompts-file",)  # submit sends these differently
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    for flag, kw in RUN_OPTIONS:
+        p.add_argument(flag, **kw)
+
+
+def run_argv(args: argparse.Namespace) -> list[str]:
+    """The run flags of a parsed namespace, back as a command line (prompts from --prompts-file inlined)."""
+    argv: list[str] = []
+    defaults = {flag: kw.get("default") for flag, kw in RUN_OPTIONS}
+    for flag, kw in RUN_OPTIONS:
+        if flag in LOCAL_ONLY:
+            continue
+        value = getattr(args, kw.get("dest", flag[2:].replace("-", "_")))
+        if flag == "--prompt":
+            value = prompts_of(args) or None
+        if value is None or value is False or (value == defaults[flag] and flag not in ("--input", "--prompt")):
+            continue
+        if kw.get("action") == "store_true":
+            argv.append(flag)
+        elif kw.get("action") == "append" or flag == "--prompt":
+            for v in value:
+                argv += [flag, v]
+        elif flag == "--actors":
+            argv += [flag, f"{value[0]},{value[1]}"]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
+def prompts_of(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompts or [])
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    return prompts
+
+
+def job_config(args: argparse.Namespace):
+    from model.cli import resolve_checkpoint
+
+    from .job import JobConfig
+    from .storage import S3Settings
+
+    return JobConfig(
+        inputs=tuple(args.inputs),
+        output=args.output,
+        prompts=tuple(prompts_of(args)),
+        checkpoint=str(resolve_checkpoint(args.checkpoint)),  # prints the RANDOM-weights banner when defaulted
+        max_new_tokens=args.max_new_tokens,
+        dpi=args.dpi,
+        max_pages=args.max_pages,
+        max_windows=args.max_windows,
+        actors=tuple(args.actors),
+        gpus_per_actor=args.gpus_per_actor,
+        cpus_per_actor=args.cpus_per_actor,
+        batch_size=args.batch_size,
+        max_slots=args.max_slots,
+        resume=not args.no_resume,
+        rows_per_file=args.rows_per_file,
+        flush_seconds=args.flush_seconds,
+        s3=S3Settings.from_env(endpoint=args.s3_endpoint, region=args.s3_region, anonymous=args.s3_anonymous),
+        ray_progress=args.ray_progress,
+    )
+
+
+# ---- commands -------------------------------------------------------------------------------------------------------------
+def cmd_run(args) -> int:
+    from .job import run_job
+    from .summary import format_summary
+
+    # ValueError for bad flags or inputs (checked before Ray starts): model.cli prints it as one line, exit 2
+    summary = run_job(job_config(args), progress=not args.no_progress, ray_address=args.ray_address)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+        print(f"summary     {summary['output'].rstrip('/')}/_summary.json, _summary.png")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from . import submit
+
+    run_args = run_argv(args)
+    job_id = submit.submit(args.address, run_args, submit.parse_env(args.env), args.submission_id)
+    print(job_id)
+    if not args.wait:
+        print(f"follow it with: infimm-hd batch logs {job_id} --address {args.address} --follow", file=sys.stderr)
+        return 0
+    status = submit.wait(args.address, job_id, timeout_s=args.timeout)
+    sys.stdout.write(submit.logs(args.address, job_id))
+    print(f"job {job_id}: {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_status(args) -> int:
+    from . import submit
+
+    info = submit.status(args.address, args.job_id)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from . import submit
+
+    if not args.follow:
+        sys.stdout.write(submit.logs(args.address, args.job_id))
+        return 0
+    import asyncio
+
+    async def tail():
+        async for lines in submit.follow(args.address, args.job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from . import submit
+
+    print("stopped" if submit.stop(args.address, args.job_id) else "not running")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    batch = subparsers.add_parser("batch", help="document batch jobs on Ray Data (object storage in, Parquet out)")
+    sub = batch.add_subparsers(dest="batch_command", required=True)
+    default_address = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+
+    p = sub.add_parser("run", help="run a batch job with Ray on this machine (or the cluster at --ray-address)")
+    add_run_options(p)
+    p.add_argument("--ray-address", help="existing Ray cluster (default: RAY_ADDRESS, else start a local Ray)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("submit", help="submit the same job to a Ray cluster (Ray Jobs API)")
+    add_run_options(p)
+    p.add_argument("--address", default=default_address, help="Ray dashboard address, http://HEAD:8265")
+    p.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
+                   help="environment variable for the job (KEY alone copies this shell's value); repeatable")
+    p.add_argument("--submission-id", help="job id to use (default: generated)")
+    p.add_argument("--wait", action="store_true", help="wait for the job to finish, print its logs, exit 0 on success")
+    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+    p.set_defaults(func=cmd_submit)
+
+    for name, func, text in (("status", cmd_status, "status of a submitted job"),
+                             ("logs", cmd_logs, "logs of a submitted job"),
+                             ("stop", cmd_stop, "stop a submitted job")):  # fmt: skip
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job_id")
+        p.add_argument("--address", default=default_address, help="Ray dashboard address, http://HEAD:8265")
+        if name == "logs":
+            p.add_argument("--follow", action="store_true", help="stream until the job ends")
+        p.set_defaults(func=func)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.cli run ...` (the same as `infimm-hd batch run ...`)."""
+    from model.cli import main as model_main
+
+    return model_main(["batch", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

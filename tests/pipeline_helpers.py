@@ -1,0 +1,67 @@
+"""Shared by the batch-pipeline tests: small job settings, reading an output folder back, reference answers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from pipelines.job import JobConfig, output_parts
+from pipelines.storage import S3Settings, Storage
+
+# Small everywhere: 4 new tokens, at most 4 windows, PDFs at 72 dpi; several engine calls per job (batch of 2 pages).
+TEST_SETTINGS = dict(max_new_tokens=4, max_windows=4, dpi=72, batch_size=2, max_slots=4, actors=(1, 1),
+                     flush_seconds=0.0, gpus_per_actor=0.0)  # fmt: skip
+PROMPT = "Transcribe the text of this page."
+
+
+def config(checkpoint, inputs, output, **kw) -> JobConfig:
+    base = JobConfig(inputs=tuple(str(i) for i in inputs), output=str(output), prompts=(PROMPT,),
+                     checkpoint=str(checkpoint), s3=S3Settings.from_env(), **TEST_SETTINGS)  # fmt: skip
+    return replace(base, **kw)
+
+
+def read_rows(output: str, storage: Storage | None = None) -> list[dict]:
+    storage = storage or Storage(S3Settings.from_env())
+    fs, path = storage.resolve(output)
+    rows = []
+    for part in output_parts(fs, path.rstrip("/")):
+        rows += pq.read_table(part, filesystem=fs).to_pylist()
+    return rows
+
+
+def by_page(rows: list[dict]) -> dict[tuple[str, int, str], dict]:
+    """(basename of source, page, prompt) -> row; asserts there is exactly one row per key."""
+    out = {}
+    for r in rows:
+        key = (os.path.basename(r["source_uri"]), r["page"], r["prompt"])
+        assert key not in out, f"duplicate row for {key}"
+        out[key] = r
+    return out
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+class Reference:
+    """The engine alone, on one page at a time: what the job's text for that page must be (greedy, deterministic)."""
+
+    def __init__(self, checkpoint):
+        from model.engine import Engine, EngineConfig
+        from model.windows import WindowConfig
+
+        self.engine = Engine.from_pretrained(checkpoint, device="cpu", config=EngineConfig(max_slots=1, max_views=5),
+                                             windows=WindowConfig(max_windows=TEST_SETTINGS["max_windows"]))  # fmt: skip
+
+    def text(self, page, prompt: str = PROMPT) -> str:
+        """`page`: image bytes or PageViews."""
+        from model.sampling import SamplingParams
+
+        req = self.engine.make_request(prompt, [page], SamplingParams(max_new_tokens=TEST_SETTINGS["max_new_tokens"]))
+        return self.engine.generate([req])[0].text
