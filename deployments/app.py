@@ -42,15 +42,20 @@ def load_engine(a: ServeArgs, observer=None):
     from model.cli import RANDOM_BANNER, default_tiny_checkpoint
     from model.engine import Engine, EngineConfig
 
+    from model.config import InfiMMHDConfig
+
     checkpoint = a.checkpoint
     if not checkpoint:
         log.warning("\n%s", RANDOM_BANNER)
         checkpoint = default_tiny_checkpoint()
+    positions = InfiMMHDConfig.from_pretrained(checkpoint).text.max_positions
+    if a.max_seq_len > positions:  # e.g. the production config run with the tiny checkpoint
+        log.warning("max_seq_len %d is over this checkpoint's %d positions; using %d", a.max_seq_len, positions, positions)
     return Engine.from_pretrained(
         checkpoint,
         device=a.device,
         dtype=getattr(torch, a.dtype) if a.dtype else None,
-        config=EngineConfig(max_slots=a.max_slots, max_seq_len=a.max_seq_len),
+        config=EngineConfig(max_slots=a.max_slots, max_seq_len=min(a.max_seq_len, positions)),
         windows=a.window_config(),
         prompt_format=a.prompt_format,
         observer=observer,

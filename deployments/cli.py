@@ -36,7 +36,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-http-host", action="append", default=[], metavar="HOST",
                    help="allow http(s) image URLs on this host (repeatable; default: none)")  # fmt: skip
     p.add_argument("--ray-address", default=None, help="join a running Ray cluster instead of starting one")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray (default: max(cores, 8))")
     p.add_argument("--metrics-port", type=int, default=None, help="Ray's Prometheus export port (default: Ray picks)")
     p.set_defaults(func=cmd_serve)
 
@@ -84,16 +84,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         init = {"address": args.ray_address, "include_dashboard": False,
                 "runtime_env": {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}}}  # fmt: skip
         if args.ray_address is None:
-            init["num_cpus"] = args.num_cpus
+            # Logical CPUs are scheduling tokens: enough for the config's replicas (infra/serve.yaml asks 4 + 2) even
+            # on a laptop; real parallelism is whatever the machine has.
+            init["num_cpus"] = args.num_cpus or max(os.cpu_count() or 1, 8)
             if args.metrics_port:
                 init["_metrics_export_port"] = args.metrics_port
         ray.init(**init)
-    serve.start(http_options=http)
-    serve.run(app, name=name, route_prefix=prefix)
-    base = f"http://{http['host']}:{http['port']}{prefix.rstrip('/')}"
-    auth = f" (bearer token from ${args.api_key_env})" if os.environ.get(args.api_key_env) else " (no auth)"
-    print(f"InfiMM-HD is serving on {base}/v1{auth}; readiness: {base}/ready. Ctrl-C stops it.", file=sys.stderr)
     try:
+        serve.start(http_options=http)
+        serve.run(app, name=name, route_prefix=prefix)
+        base = f"http://{http['host']}:{http['port']}{prefix.rstrip('/')}"
+        auth = f" (bearer token from ${args.api_key_env})" if os.environ.get(args.api_key_env) else " (no auth)"
+        print(f"InfiMM-HD is serving on {base}/v1{auth}; readiness: {base}/ready. Ctrl-C stops it.", file=sys.stderr)
         while True:
             time.sleep(5)
     except KeyboardInterrupt:
