@@ -203,14 +203,16 @@ class PartWriter:
 
 
 class Progress:
-    """Counts what arrives at the driver; a tqdm bar while it runs, a timeline for the summary plot."""
+    """Counts what arrives at the driver; a tqdm bar on a terminal, a log line every `log_every_s` elsewhere (job
+    logs), and the timeline for the summary plot."""
 
-    def __init__(self, enabled: bool = True):
+    def __init__(self, enabled: bool = True, log_every_s: float = 15.0):
         self.t0 = time.monotonic()
         self.rows = self.pages = self.tokens = self.errors = 0
         self.timeline: list[tuple[float, int, int]] = [(0.0, 0, 0)]  # (seconds, pages, tokens)
+        self.enabled, self.log_every_s, self._logged = enabled, log_every_s, self.t0
         self.bar = None
-        if enabled:
+        if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(desc="pages", unit="page", file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
@@ -219,16 +221,21 @@ class Progress:
         if not table.num_rows:
             return
         cols = table.select(["source_uri", "page", "completion_tokens", "error_type"]).to_pydict()
-        pages = len(set(zip(cols["source_uri"], cols["page"])))
+        pages = len(set(zip(cols["source_uri"], cols["page"])))  # all prompts of a page come in the same table
         self.rows += table.num_rows
         self.pages += pages
         self.tokens += sum(t or 0 for t in cols["completion_tokens"])
         self.errors += sum(1 for e in cols["error_type"] if e)
-        elapsed = time.monotonic() - self.t0
+        now = time.monotonic()
+        elapsed = now - self.t0
         self.timeline.append((round(elapsed, 3), self.pages, self.tokens))
         if self.bar is not None:
             self.bar.update(pages)
             self.bar.set_postfix(rows=self.rows, errors=self.errors, tok_s=f"{self.tokens / max(elapsed, 1e-9):.1f}")
+        elif self.enabled and now - self._logged >= self.log_every_s:
+            self._logged = now
+            log.info("progress: %d pages, %d rows (%d errors) in %.0fs: %.2f pages/s, %.1f tokens/s", self.pages,
+                     self.rows, self.errors, elapsed, self.pages / elapsed, self.tokens / elapsed)  # fmt: skip
 
     def close(self) -> None:
         if self.bar is not None:
@@ -244,10 +251,10 @@ def ensure_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
+    if address:  # no runtime_env here: a submitted job's own (working_dir, env_vars) must not be contradicted
+        ray.init(address=address)
     else:
+        env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}
         ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env})
 
 
