@@ -198,10 +198,15 @@ class Frontend:
                     await stream.aclose()
                     raise APIError.from_event(first)
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                body = self._sse(stream, request_id, include_usage, deadline)
+
+                async def close() -> None:  # after the response, however it ended (even if the body never started)
+                    await _aclose(stream)
+                    self._set_ongoing(-1)
+
                 handed_to_stream = True
-                return StreamingResponse(body, media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+                return _ClosingStreamingResponse(self._sse(stream, request_id, include_usage, deadline), close,
+                                                 media_type="text/event-stream",
+                                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             ev = await _within(self.client.complete(payload), deadline, loop)
             if ev["event"] == "error":
                 raise APIError.from_event(ev)
@@ -243,8 +248,7 @@ class Frontend:
             log.warning("stream %s: %d %s", request_id, err.status, err.message)
             yield sse(err.body())
         finally:
-            await stream.aclose()
-            self._set_ongoing(-1)
+            await _aclose(stream)
 
     async def models(self, request: Request) -> Response:
         try:
@@ -266,6 +270,28 @@ class Frontend:
             return self.error_response(APIError(503, "model not ready: engine loop is not running", "not_ready"))
         return JSONResponse({"status": "ready", "model": self.settings.model_name, "engine": stats,
                              "ongoing_requests": self.ongoing})  # fmt: skip
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that runs `on_close` once it is done, also when the client left before the body started
+    (then Starlette never iterates the body, and nothing else would close the model stream)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+async def _aclose(stream) -> None:
+    try:
+        await stream.aclose()
+    except RuntimeError:  # still running in a task being cancelled; it closes itself when that task ends
+        pass
 
 
 async def _within(awaitable, deadline: float, loop: asyncio.AbstractEventLoop):
