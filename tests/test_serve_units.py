@@ -68,7 +68,7 @@ def test_application_from_the_yaml_builds_with_overrides():
     (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "function", "content": "x"}]}',
      "messages[1].role", "invalid_role"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}', "top_p", "invalid_request"),
-])  # fmt: skip
+], ids=["no_image_url", "no_url", "function_role", "top_p_zero"])  # fmt: skip
 def test_parse_errors_name_the_field(body, param, code):
     with pytest.raises(APIError) as e:
         parse_request(body)
