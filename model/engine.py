@@ -85,7 +85,7 @@ class Result:
     request_id: str
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort" (cancelled) | "error" (the engine step failed)
     prompt_tokens: int
     completion_tokens: int
     timings: Timings
@@ -347,6 +347,11 @@ class Engine:
             for seq in itertools.chain(self.waiting, (s for s in self.slots if s)):
                 if seq.request.request_id == request_id:
                     seq.aborted = True
+
+    @property
+    def alive(self) -> bool:
+        """True while the background loop runs (liveness probe for servers; `generate` needs no loop)."""
+        return self._running and self._thread is not None and self._thread.is_alive()
 
     def stats(self) -> dict:
         return {

@@ -85,20 +85,58 @@ class Processor:
 
     def render(self, messages: list[ChatMessage]) -> str:
         """Chat turns -> prompt text with one image placeholder per image, ending with the assistant cue."""
+        return self._render(messages)[0]
+
+    def _render(self, messages: list[ChatMessage]) -> tuple[str, list[tuple[int, int]]]:
+        """The prompt text and the character spans that came from the caller's messages (untrusted text)."""
         p = self.prompt
-        system = p.system
-        text = ""
+        system: list = [p.system]
+        pieces: list = []  # str = template text; tuple(text,) = caller text
+
+        def body(m):
+            out = []
+            for x in m.parts:
+                out.append((x,) if isinstance(x, str) else p.image)
+            # strip the turn's outer whitespace, as the template does
+            while out and isinstance(out[0], tuple) and not out[0][0].strip():
+                out.pop(0)
+            if out and isinstance(out[0], tuple):
+                out[0] = (out[0][0].lstrip(),)
+            if out and isinstance(out[-1], tuple):
+                out[-1] = (out[-1][0].rstrip(),)
+            return out
+
         for m in messages:
-            body = "".join(p.image if not isinstance(x, str) else x for x in m.parts)
             if m.role == "system":
-                system = body
+                system = body(m)
             elif m.role == "user":
-                text += p.user + body.strip()
+                pieces += [p.user, *body(m)]
             elif m.role == "assistant":
-                text += p.assistant + " " + body.strip() + p.end_of_turn
+                pieces += [p.assistant + " ", *body(m), p.end_of_turn]
             else:
                 raise ValueError(f"unknown role {m.role!r}; use system, user or assistant")
-        return system + text + p.assistant
+        text, spans = "", []
+        for piece in [*system, *pieces, p.assistant]:
+            if isinstance(piece, tuple):
+                spans.append((len(text), len(text) + len(piece[0])))
+                text += piece[0]
+            else:
+                text += piece
+        return text, spans
+
+    def encode_prompt(self, text: str, untrusted: list[tuple[int, int]]) -> list[int]:
+        """Tokenize a rendered prompt; control tokens (`</s>`, `<image>`, ...) typed inside caller text are kept as
+        plain text, so a client cannot end a turn or add an image placeholder by typing one."""
+        tok = self.tokenizer
+        enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
+        special = set(tok.all_special_ids) | {self.config.image_token_id, self.config.eoc_token_id}
+        ids = []
+        for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+            if i in special and b > a and any(s <= a and b <= e for s, e in untrusted):
+                ids += tok(text[a:b], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            else:
+                ids.append(i)
+        return ids
 
     def question_prompt(self, question: str, n_images: int = 1) -> str:
         return self.render([ChatMessage("user", [None] * n_images + [question])])
@@ -125,11 +163,9 @@ class Processor:
     def chat(self, messages: list[ChatMessage]) -> Inputs:
         images = [x if isinstance(x, PageViews) else prepare_image(x, self.windows)
                   for m in messages for x in m.parts if not isinstance(x, str)]  # fmt: skip
-        ids = self.encode(self.render(messages))
+        ids = self.encode_prompt(*self._render(messages))
         n_placeholders = ids.count(self.config.image_token_id)
-        if n_placeholders != len(images):
-            raise ValueError(f"prompt has {n_placeholders} {IMAGE_TOKEN} tokens for {len(images)} images; do not type "
-                             f"{IMAGE_TOKEN} in text, it is added for each image")  # fmt: skip
+        assert n_placeholders == len(images), f"{n_placeholders} {IMAGE_TOKEN} tokens for {len(images)} images"
         t = torch.tensor([ids], dtype=torch.long)
         return Inputs(input_ids=t, attention_mask=torch.ones_like(t), images=images)
 
