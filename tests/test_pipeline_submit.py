@@ -58,10 +58,10 @@ def ray_head():
         except OSError:
             time.sleep(0.5)
     yield address, token
-    os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started
+    os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` stops the processes it started...
     try:
-        proc.wait(timeout=90)
-    except subprocess.TimeoutExpired:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:  # ...but may take a minute: every process of this head is in this group
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     log.close()
