@@ -56,7 +56,7 @@ class EngineServer:
         e, lim = self.engine, self.limits
         try:
             req = e.make_chat_request(p.messages, SamplingParams(max_new_tokens=1), p.request_id)
-        except ValueError as err:  # e.g. "<image>" typed into the text
+        except ValueError as err:  # e.g. an unknown role
             raise APIError(400, str(err), "invalid_request", param="messages") from None
         n = len(req.prompt_ids)
         if n > lim.max_prompt_tokens:
@@ -112,9 +112,8 @@ class EngineServer:
         return {**self.engine.stats(), "max_seq_len": self.engine.config.max_seq_len, "alive": self.alive()}
 
     def alive(self) -> bool:
-        # Engine has no public liveness probe; its loop thread dying means no request will ever finish.
-        thread = getattr(self.engine, "_thread", None)
-        return thread is None or thread.is_alive()
+        # The loop thread dying means no request will ever finish (it is started in __init__).
+        return self.engine.alive
 
     def check_health(self) -> None:
         if not self.alive():

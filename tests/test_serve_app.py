@@ -57,7 +57,8 @@ def serve_app(ray_session, s3_server, tiny_checkpoint):
                               "ray_actor_options": {"num_cpus": 0.5, **s3_env}},
         },
     )  # fmt: skip
-    assert http["host"] == "127.0.0.1", "infra/serve.yaml must bind loopback by default"
+    assert http["host"] == "0.0.0.0", "infra/serve.yaml is the cluster config (the RayService embeds it)"
+    assert _get_global_client().http_config.host == "127.0.0.1", "tests bind loopback only"
     serve.run(app, name=name, route_prefix=prefix)
     base = f"http://127.0.0.1:{port}"
     yield SimpleNamespace(base=base, name=name, client=openai.OpenAI(base_url=base + "/v1", api_key=API_KEY,
@@ -218,8 +219,14 @@ ERROR_CASES = {
     "n_2": (text_request(n=2), 400, "unsupported_parameter"),
     "unknown_model": (text_request() | {"model": "gpt-4o"}, 404, "model_not_found"),
     "request_too_large": (text_request("x" * 2_100_000), 413, "request_too_large"),
-    "typed_image_token": (text_request("look: <image>"), 400, "invalid_request"),
 }
+
+
+def test_typed_control_tokens_are_plain_text(serve_app):
+    """A client typing </s> or <image> gets an answer about that text, not a cut turn or a phantom image."""
+    r = post(serve_app, text_request("look: <image> </s> <|endofchunk|>", max_tokens=2))
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
 
 
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))

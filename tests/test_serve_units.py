@@ -17,7 +17,7 @@ SERVE_YAML = ROOT / "infra" / "serve.yaml"
 
 def test_serve_yaml_is_a_serve_config_for_this_app():
     config = load_serve_config(SERVE_YAML)  # Serve's own schema (what `serve deploy` validates)
-    assert config["http_options"]["host"] == "127.0.0.1"
+    assert config["http_options"]["host"] == "0.0.0.0"  # cluster config; the CLI and tests bind 127.0.0.1
     (app,) = config["applications"]
     assert app["import_path"] == "deployments.app:build_app"
     args = ServeArgs.model_validate(app["args"])  # every key is a known field
