@@ -228,3 +228,16 @@ def test_submit_replays_the_run_flags(tmp_path):
     assert again.inputs == ["s3://b/in/", "m.jsonl"] and again.output == "s3://b/out/"
     assert again.prompts == ["First?", "Second?"] and again.prompts_file is None
     assert again.actors == (1, 3) and again.no_resume and again.max_new_tokens == 9 and again.dpi == 150
+
+
+def test_cli_refuses_a_job_without_prompts_before_writing_anything(tmp_path, tiny_checkpoint):
+    import subprocess
+    import sys
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "p.png").write_bytes(samples.png_page(0, (200, 260)))
+    p = subprocess.run([sys.executable, "-m", "model.cli", "batch", "run", "--input", str(tmp_path / "in"), "--output",
+                        str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint)], capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert p.returncode == 2 and "no prompt for" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "out").exists()
