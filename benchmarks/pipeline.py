@@ -39,8 +39,9 @@ def bare_loop(checkpoint: str, files: list[Path], args) -> dict:
 
     t0 = time.perf_counter()
     windows = WindowConfig(max_windows=args.max_windows)
-    engine = Engine.from_pretrained(checkpoint, device="cpu", windows=windows,
-                                    config=EngineConfig(max_slots=args.slots, max_views=args.max_windows + 1))  # fmt: skip
+    engine = Engine.from_pretrained(
+        checkpoint, device="cpu", windows=windows,
+        config=EngineConfig(max_slots=args.slots, max_views=args.max_windows + 1))  # fmt: skip
     load_s = time.perf_counter() - t0
     sampling = SamplingParams(max_new_tokens=args.new_tokens)
     t0 = time.perf_counter()
@@ -109,8 +110,8 @@ def main(argv=None) -> dict:
             files.append(folder / f"page-{i:04d}.png")
             files[-1].write_bytes(document_page(args.size, args.size, seed=i))
         bare = bare_loop(checkpoint, files, args)
-        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}})  # fmt: skip
+        env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}
+        ray.init(num_cpus=args.ray_cpus, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
         job = ray_job(checkpoint, folder, Path(tmp) / "out", args)
         ray.shutdown()
     result = {

@@ -124,7 +124,7 @@ def job_config(args: argparse.Namespace):
     )
 
 
-# ---- commands -------------------------------------------------------------------------------------------------------------
+# ---- commands --------------------------------------------------------------------------------------------------------
 def cmd_run(args) -> int:
     from .job import run_job
     from .summary import format_summary

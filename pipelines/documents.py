@@ -44,7 +44,7 @@ class DecodeConfig:
             raise ValueError(f"max_pages must be >= 1, got {self.max_pages}")
 
 
-# ---- documents: page count + page i as an RGB image --------------------------------------------------------------------
+# ---- documents: page count + page i as an RGB image ------------------------------------------------------------------
 def is_pdf(data: bytes, uri: str = "") -> bool:
     # The header may follow a little junk (the PDF spec lets readers search the first 1024 bytes).
     return b"%PDF-" in data[:1024] or uri.lower().endswith(".pdf")
@@ -126,7 +126,7 @@ def open_document(data: bytes, uri: str, cfg: DecodeConfig) -> ImageDocument | P
 _NO_VIEWS = {k: None for k in ("views", "n_views", "window", "width", "height", "grid_rows", "grid_cols")}
 
 
-# ---- the Ray stage -----------------------------------------------------------------------------------------------------
+# ---- the Ray stage ---------------------------------------------------------------------------------------------------
 class DecodePages:
     """Source rows (`uri`, `doc`, `prompts`, `done`) -> decoded page rows (DECODED_SCHEMA).
 

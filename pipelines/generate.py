@@ -83,7 +83,7 @@ class GenerateStage:
                     continue
                 pending.append((req, r))
                 out.append(r)
-        for (req, r), res in zip(pending, self._generate([req for req, _ in pending])):
+        for (_, r), res in zip(pending, self._generate([req for req, _ in pending]), strict=True):
             if isinstance(res, Exception):
                 r.update(error_fields("generation_error", f"{type(res).__name__}: {res}"))
             else:

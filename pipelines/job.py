@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from .documents import DecodeConfig, DecodePages
 from .generate import GenerateConfig, GenerateStage
 from .rows import OUTPUT_SCHEMA, doc_key, prompt_key, split_row_id
-from .storage import SINGLE_PAGE_SUFFIXES, S3Settings, Storage, _suffix, list_sources
+from .storage import SINGLE_PAGE_SUFFIXES, S3Settings, Storage, suffix, list_sources
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class JobConfig:
             raise ValueError("--rows-per-file must be >= 1 and --flush-seconds >= 0")
 
 
-# ---- resume -------------------------------------------------------------------------------------------------------------
+# ---- resume ----------------------------------------------------------------------------------------------------------
 def output_parts(fs: pafs.FileSystem, path: str) -> list[str]:
     """The Parquet parts of an output folder (not `_`/`.` files, not the 0-byte folder markers S3 writers leave)."""
     infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True))
@@ -142,14 +142,14 @@ def plan_sources(sources, prompts: tuple[str, ...], done: set[str]) -> tuple[lis
         answered = {k.rsplit(":", 1)[1] for k in finished}
         # A one-page file with a row for every prompt is complete: do not even read it. (A multi-page one must be
         # opened to learn its page count; the decode stage then skips its finished pages.)
-        if _suffix(uri) in SINGLE_PAGE_SUFFIXES and {prompt_key(p) for p in ps} <= answered:
+        if suffix(uri) in SINGLE_PAGE_SUFFIXES and {prompt_key(p) for p in ps} <= answered:
             skipped += 1
             continue
         records.append({"uri": uri, "doc": doc, "prompts": ps, "done": sorted(finished)})
     return records, skipped
 
 
-# ---- writing --------------------------------------------------------------------------------------------------------------
+# ---- writing ---------------------------------------------------------------------------------------------------------
 class PartWriter:
     """Buffers result rows and writes them as Parquet parts; drops any id already written (exactly-once output)."""
 
@@ -242,7 +242,7 @@ class Progress:
             self.bar.close()
 
 
-# ---- the job ------------------------------------------------------------------------------------------------------------
+# ---- the job ---------------------------------------------------------------------------------------------------------
 def ensure_ray(address: str | None = None) -> None:
     """Use the Ray this process already has; else connect to `address` / RAY_ADDRESS (a cluster, or the driver of a
     submitted job); else start a private local one. Never auto-attach to some other local cluster."""
@@ -387,8 +387,8 @@ def run_job(config: JobConfig, progress: bool = True, on_batch: Callable[[pa.Tab
         "batch_size": config.batch_size,
         "timeline": bar.timeline,
     }
-    summary = summarize(fs, out, config.output, run,
-                        model=Path(config.checkpoint).name, random_weights=is_random_checkpoint(config.checkpoint))  # fmt: skip
+    summary = summarize(fs, out, config.output, run, model=Path(config.checkpoint).name,
+                        random_weights=is_random_checkpoint(config.checkpoint))
     write_summary(fs, out, summary)
     return summary
 

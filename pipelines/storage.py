@@ -137,7 +137,7 @@ class Source:
     prompt: str | None = None  # per-document prompt from a manifest; None = the job's prompts
 
 
-def _suffix(uri: str) -> str:
+def suffix(uri: str) -> str:
     return Path(urlparse(uri).path if "://" in uri else uri).suffix.lower()
 
 
@@ -159,14 +159,14 @@ def list_sources(inputs: list[str], storage: Storage) -> list[Source]:
 
 def _expand(spec: str, storage: Storage) -> list[Source]:
     if _GLOB_CHARS.search(spec):
-        return [Source(u) for u in _glob(spec, storage) if _suffix(u) in DOCUMENT_SUFFIXES]
+        return [Source(u) for u in _glob(spec, storage) if suffix(u) in DOCUMENT_SUFFIXES]
     kind = storage.kind(spec)
-    if kind == "file" or (kind == "missing" and not spec.endswith("/") and _suffix(spec)):
-        if _suffix(spec) in MANIFEST_SUFFIXES:
+    if kind == "file" or (kind == "missing" and not spec.endswith("/") and suffix(spec)):
+        if suffix(spec) in MANIFEST_SUFFIXES:
             return read_manifest(spec, storage)
         return [Source(spec if storage.is_s3(spec) else os.path.abspath(spec))]  # a missing one becomes an error row
     if kind == "dir" or storage.is_s3(spec):
-        return [Source(u) for u in storage.list_files(spec) if _suffix(u) in DOCUMENT_SUFFIXES and not _hidden(u)]
+        return [Source(u) for u in storage.list_files(spec) if suffix(u) in DOCUMENT_SUFFIXES and not _hidden(u)]
     return []
 
 
@@ -216,20 +216,20 @@ def read_manifest(uri: str, storage: Storage) -> list[Source]:
     import pyarrow.parquet as pq
 
     fs, path = storage.resolve(uri)
-    suffix = _suffix(uri)
-    if suffix == ".parquet":
+    kind = suffix(uri)
+    if kind == ".parquet":
         table = pq.read_table(path, filesystem=fs)
     else:
         with fs.open_input_stream(path) as f:
-            reader = pajson.read_json if suffix == ".jsonl" else pacsv.read_csv
+            reader = pajson.read_json if kind == ".jsonl" else pacsv.read_csv
             # Strings stay strings: an id column of digits must not become integers (ids are compared as text).
-            opts = {"convert_options": pacsv.ConvertOptions(column_types={c: "string" for c in ("uri", "prompt", "id")})}
-            table = reader(f, **opts) if suffix == ".csv" else reader(f)
+            strings = pacsv.ConvertOptions(column_types={c: "string" for c in ("uri", "prompt", "id")})
+            table = reader(f, convert_options=strings) if kind == ".csv" else reader(f)
     if "uri" not in table.column_names:
         raise ValueError(f"manifest {uri} has no `uri` column (columns: {table.column_names})")
     base = uri[: uri.rfind("/") + 1] if storage.is_s3(uri) else os.path.dirname(os.path.abspath(uri))
     out, skipped = [], 0
-    for i, row in enumerate(table.select([c for c in ("uri", "prompt", "id") if c in table.column_names]).to_pylist()):
+    for row in table.select([c for c in ("uri", "prompt", "id") if c in table.column_names]).to_pylist():
         u = str(row["uri"]).strip() if row.get("uri") is not None else ""
         if not u:
             skipped += 1

@@ -56,8 +56,9 @@ class Reference:
         from model.engine import Engine, EngineConfig
         from model.windows import WindowConfig
 
+        windows = WindowConfig(max_windows=TEST_SETTINGS["max_windows"])
         self.engine = Engine.from_pretrained(checkpoint, device="cpu", config=EngineConfig(max_slots=1, max_views=5),
-                                             windows=WindowConfig(max_windows=TEST_SETTINGS["max_windows"]))  # fmt: skip
+                                             windows=windows)  # fmt: skip
 
     def text(self, page, prompt: str = PROMPT) -> str:
         """`page`: image bytes or PageViews."""

@@ -134,7 +134,8 @@ def test_killing_the_engine_actor_mid_job_yields_every_page_once(tiny_checkpoint
             os.kill(actor["Pid"], signal.SIGKILL)
             killed.append(aid)
 
-    summary = run_job(config(tiny_checkpoint, [docs], tmp_path / "out"), progress=False, on_batch=kill_after_first_batch)
+    cfg = config(tiny_checkpoint, [docs], tmp_path / "out")
+    summary = run_job(cfg, progress=False, on_batch=kill_after_first_batch)
     rows = by_page(read_rows(str(tmp_path / "out")))
     assert set(rows) == {(f"p{i}.png", 1, PROMPT) for i in range(8)}
     assert all(r["error_type"] is None for r in rows.values())
@@ -168,6 +169,7 @@ def test_a_killed_driver_resumes_with_every_page_exactly_once(tiny_checkpoint, r
 
     summary = run_job(config(tiny_checkpoint, [docs], out), progress=False)
     rows = by_page(read_rows(str(out)))
-    assert set(rows) == {(f"p{i:02d}.png", 1, PROMPT) for i in range(10)} | {("long.pdf", p, PROMPT) for p in range(1, 5)}
+    pages = {(f"p{i:02d}.png", 1, PROMPT) for i in range(10)} | {("long.pdf", p, PROMPT) for p in range(1, 5)}
+    assert set(rows) == pages
     assert summary["run"]["rows_already_done"] == first and summary["run"]["rows"] == 14 - first
     assert run_job(config(tiny_checkpoint, [docs], out), progress=False)["run"]["rows"] == 0

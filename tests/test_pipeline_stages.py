@@ -102,7 +102,7 @@ def test_decode_stage_yields_bounded_blocks(tmp_path):
     assert [b.num_rows for b in blocks] == [4, 2] and all(b.schema == DECODED_SCHEMA for b in blocks)
 
 
-# ---- listing and planning ----------------------------------------------------------------------------------------------
+# ---- listing and planning --------------------------------------------------------------------------------------------
 def test_local_folders_globs_and_manifests(tmp_path):
     d = tmp_path / "docs"
     (d / "sub").mkdir(parents=True)
@@ -150,7 +150,7 @@ def test_row_ids_are_deterministic_and_reversible():
     assert doc_key("s3://b/k.png", "my-id") == "my-id"
 
 
-# ---- engine stage ------------------------------------------------------------------------------------------------------
+# ---- engine stage ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stage(tiny_checkpoint):
     return GenerateStage(GenerateConfig(checkpoint=str(tiny_checkpoint), max_new_tokens=TEST_SETTINGS["max_new_tokens"],
@@ -188,7 +188,7 @@ def test_a_request_the_engine_refuses_is_an_error_row_not_a_failed_batch(stage, 
     assert rows[PROMPT]["error_type"] is None and rows[PROMPT]["text"] is not None
 
 
-# ---- writer and resume bookkeeping --------------------------------------------------------------------------------------
+# ---- writer and resume bookkeeping -----------------------------------------------------------------------------------
 def _rows(ids):
     return pa.Table.from_pylist([{"id": i, "source_uri": "u", "page": 1, "prompt": "q"} for i in ids],
                                 schema=OUTPUT_SCHEMA)  # fmt: skip

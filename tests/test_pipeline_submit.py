@@ -42,7 +42,8 @@ def ray_head():
     cmd = ["ray", "start", "--head", "--block", f"--port={_port()}", "--node-ip-address=127.0.0.1",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
            f"--ray-client-server-port={_port()}", f"--dashboard-agent-listen-port={_port()}",
-           f"--metrics-export-port={_port()}", "--num-cpus=3", f"--temp-dir={tmp}", "--disable-usage-stats"]  # fmt: skip
+           f"--metrics-export-port={_port()}", "--num-cpus=3", f"--temp-dir={tmp}",
+           "--disable-usage-stats"]  # fmt: skip
     log = open(os.path.join(tmp, "head.log"), "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
