@@ -1,6 +1,6 @@
 """Batch pipeline on the tiny model: pages/s through the Ray job vs the same pages through the engine in a bare loop.
 
-    python benchmarks/pipeline.py [--pages 24] [--size 896] [--new-tokens 16] [--batch-size 8] [--out result.json]
+    python benchmarks/pipeline.py [--pages 192] [--size 896] [--new-tokens 16] [--batch-size 8] [--out result.json]
 
 Both sides do the same work on the same PNG files: read, decode, cut windows, engine.generate on batches of
 `batch_size` pages with `slots` decode slots and the same torch thread count. The bare loop does it in this process,
@@ -84,7 +84,7 @@ def ray_job(checkpoint: str, folder: Path, out: Path, args) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="default: the tiny random checkpoint")
-    p.add_argument("--pages", type=int, default=24)
+    p.add_argument("--pages", type=int, default=192, help="enough for the ~15 s actor start to matter less")
     p.add_argument("--size", type=int, default=896, help="page side in pixels (896 = 2x2 windows + thumbnail)")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--max-windows", type=int, default=4)
