@@ -241,3 +241,16 @@ def test_cli_refuses_a_job_without_prompts_before_writing_anything(tmp_path, tin
                        timeout=120)  # fmt: skip
     assert p.returncode == 2 and "no prompt for" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_page_that_breaks_the_engine_costs_only_its_own_rows(stage, tiny_checkpoint, tmp_path):
+    (tmp_path / "a.png").write_bytes(samples.png_page(1, (300, 400)))
+    (tmp_path / "b.png").write_bytes(samples.png_page(2, (300, 400)))
+    good, other = decode(tmp_path / "a.png", doc="a"), decode(tmp_path / "b.png", doc="b")
+    broken = dict(other[0], grid_rows=3, grid_cols=3)  # 2 views that claim a 3x3 grid: the engine cannot place them
+    out = {r["source_uri"]: r for r in stage(pa.Table.from_pylist(good + [broken], schema=DECODED_SCHEMA)).to_pylist()}
+    assert out[str(tmp_path / "b.png")]["error_type"] == "generation_error"
+    assert out[str(tmp_path / "a.png")]["error_type"] is None
+    assert out[str(tmp_path / "a.png")]["text"] == Reference(tiny_checkpoint).text((tmp_path / "a.png").read_bytes())
+    again = stage(pa.Table.from_pylist(other, schema=DECODED_SCHEMA)).to_pylist()  # the engine is usable afterwards
+    assert again[0]["error_type"] is None and again[0]["text"]
