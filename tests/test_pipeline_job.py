@@ -76,7 +76,10 @@ def test_s3_in_s3_out_with_a_manifest_and_the_bad_input_corpus(tiny_checkpoint, 
     client = s3_server.client()
     cases = bad_corpus()
     for case in cases:
-        client.put_object(Bucket="batch-corpus", Key=f"in/{case.name}", Body=case.data)
+        # SeaweedFS leaves a keep-alive connection hanging after a 0-byte PUT (the next request on it waits for
+        # boto3's 60 s read timeout): the empty object gets a client of its own.
+        (s3_server.client() if not case.data else client).put_object(Bucket="batch-corpus", Key=f"in/{case.name}",
+                                                                       Body=case.data)  # fmt: skip
     client.put_object(Bucket="batch-corpus", Key="in/deleted-after-listing.png", Body=samples.png_page(5, (300, 400)))
     client.put_object(Bucket="batch-corpus", Key="other/invoice.png", Body=samples.png_page(6, (300, 400)))
     manifest = [{"uri": "s3://batch-corpus/other/invoice.png", "id": "invoice-6", "prompt": "Total amount?"},
