@@ -44,7 +44,9 @@ RUN_OPTIONS: list[tuple[str, dict]] = [
     ("--max-pages", dict(type=int, default=1000, help="pages per document; later ones become page_limit rows")),
     ("--max-windows", dict(type=int, default=16, help="cap on 448x448 windows per page")),
     ("--actors", dict(type=_pair, default=(1, 1), metavar="MIN,MAX", help="engine actor pool size (autoscaling)")),
-    ("--gpus-per-actor", dict(type=float, default=None, help="default: 1 if the cluster has GPUs, else 0 (CPU)")),
+    ("--gpus-per-actor", dict(type=float, default=None,
+                              help="default: 1 if the cluster has GPUs now, else 0 (engine on CPU); give it on "
+                                   "autoscaling clusters whose GPU nodes may be scaled to 0")),
     ("--cpus-per-actor", dict(type=float, default=1.0)),
     ("--batch-size", dict(type=int, default=16, help="pages per engine call (they share GPU steps)")),
     ("--max-slots", dict(type=int, default=16, help="sequences the engine decodes together")),

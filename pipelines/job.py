@@ -259,21 +259,24 @@ def ensure_ray(address: str | None = None) -> None:
 
 
 def resolve_resources(config: JobConfig) -> JobConfig:
-    """Fill in what depends on the cluster: GPUs per actor, CPU threads; check that the pool can be placed."""
+    """Fill in what depends on the cluster: GPUs per actor (when not given), CPU threads. A pool bigger than the
+    cluster is only a warning: an autoscaling cluster (KubeRay scales its GPU group from 0) adds nodes on demand."""
     import ray
 
     res = ray.cluster_resources()
     gpus = config.gpus_per_actor
-    if gpus is None:
+    if gpus is None:  # what the cluster has right now; autoscaling clusters should pass --gpus-per-actor
         gpus = 1.0 if res.get("GPU", 0) > 0 else 0.0
-    if gpus > 0 and res.get("GPU", 0) < gpus * config.actors[0]:
-        raise ValueError(f"--actors {config.actors[0]},... x --gpus-per-actor {gpus} needs {gpus * config.actors[0]} "
-                         f"GPUs; the cluster has {res.get('GPU', 0)}")  # fmt: skip
-    need = config.cpus_per_actor * config.actors[0] + config.decode_cpus
+        log.info("--gpus-per-actor not given: %s (the cluster has %s GPUs now)", gpus, res.get("GPU", 0))
+    lo = config.actors[0]
+    if gpus > 0 and res.get("GPU", 0) < gpus * lo:
+        log.warning("%d engine actor(s) x %s GPUs need %s GPUs; the cluster has %s now: waiting for the autoscaler",
+                    lo, gpus, gpus * lo, res.get("GPU", 0))  # fmt: skip
+    need = config.cpus_per_actor * lo + config.decode_cpus
     if res.get("CPU", 0) < need:
-        raise ValueError(f"the cluster has {res.get('CPU', 0)} CPUs; {config.actors[0]} actor(s) x "
-                         f"{config.cpus_per_actor} CPUs + {config.decode_cpus} for decoding needs {need}; "
-                         "lower --actors MIN or --cpus-per-actor")  # fmt: skip
+        log.warning("%d engine actor(s) x %s CPUs + %s CPUs for decoding need %s CPUs; the cluster has %s now: the job "
+                    "waits for more (or lower --actors MIN / --cpus-per-actor)", lo, config.cpus_per_actor,
+                    config.decode_cpus, need, res.get("CPU", 0))  # fmt: skip
     threads = config.torch_threads or (max(1, int(config.cpus_per_actor)) if gpus == 0 else None)
     return replace(config, gpus_per_actor=gpus, torch_threads=threads)
 
