@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,6 +67,7 @@ def ray_head():
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
     log.close()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cli(*args, env=None, timeout=500):
