@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     max_slots: int = 8  # sequences decoded together
     max_seq_len: int = 1024  # prompt + new tokens per slot
-    max_views: int = 17  # views of the image a slot keeps for decoding (thumbnail + 16 windows)
+    max_views: int | None = None  # views of the image a slot keeps for decoding; None: the processor's max_windows + 1
     vit_batch_views: int = 32  # views per ViT forward (bounds activation memory)
     max_prefill_batch: int = 8  # requests admitted and prefilled together (bounds transient media K/V memory)
     feature_cache_mb: int = 1024  # LRU of encoded pages by content hash
@@ -185,6 +186,9 @@ class Engine:
         mc = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        if config.max_views is None:
+            config = dataclasses.replace(config, max_views=processor.windows.max_windows + 1)
+            self.config = config
         self.max_media_tokens = config.max_views * mc.vision.tokens
         if config.max_seq_len > mc.text.max_positions:
             raise ValueError(f"max_seq_len={config.max_seq_len} is over the model's {mc.text.max_positions} positions")
@@ -283,8 +287,12 @@ class Engine:
         if self._running:
             done.wait()
         else:
-            while not done.is_set():
-                self.step()
+            try:
+                while not done.is_set():
+                    self.step()
+            except Exception:  # leave the engine usable: finish (as "error") everything this call left in flight
+                self._fail_all("error")
+                raise
         return [results[r.request_id] for r in requests]
 
     # ---- async API --------------------------------------------------------------------------------------------------

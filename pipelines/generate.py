@@ -97,24 +97,17 @@ class GenerateStage:
         if not requests:
             return []
         try:
-            return self.engine.generate(requests)
+            return self.engine.generate(requests)  # on failure the engine finishes what was in flight and raises
         except Exception:
             log.exception("batch of %d requests failed; retrying them one by one", len(requests))
-            self._reset_engine()
         results: list[Result | Exception] = []
         for req in requests:
             try:
                 results.append(self.engine.generate([req])[0])
             except Exception as e:
                 log.warning("request failed alone too: %s", e)
-                self._reset_engine()
                 results.append(e)
         return results
-
-    def _reset_engine(self) -> None:
-        # A step that raised leaves its sequences in the slots; finishing them frees the slots for the next call.
-        # (Engine has no public reset; `_fail_all` is what its own background loop does after a failed step.)
-        self.engine._fail_all("abort")
 
 
 def _result_fields(res: Result) -> dict:

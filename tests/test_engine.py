@@ -243,3 +243,35 @@ def test_detokenizer_holds_back_stop_strings(processor):
     deltas.append(d.finish())
     assert "".join(deltas) == "The invoice " and d.stopped_at is not None
     assert all("total" not in x for x in deltas)
+
+
+def test_a_failing_step_leaves_the_engine_usable(model, processor, monkeypatch):
+    engine = Engine(model, processor, EngineConfig(max_slots=2, max_seq_len=160))
+    reqs = [engine.make_request(q, [PAGES[1]], SamplingParams(max_new_tokens=4)) for q in QUESTIONS]
+    calls = {"n": 0}
+    real = engine._decode
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated device error")
+        real()
+
+    monkeypatch.setattr(engine, "_decode", flaky)
+    with pytest.raises(RuntimeError, match="simulated"):
+        engine.generate(reqs)
+    assert engine.stats()["active"] == 0 and engine.stats()["waiting"] == 0
+    monkeypatch.setattr(engine, "_decode", real)
+    again = engine.generate([engine.make_request(QUESTIONS[0], [PAGES[1]], SamplingParams(max_new_tokens=4))])
+    assert again[0].completion_tokens == 4
+
+
+def test_slot_media_capacity_follows_the_window_cap(model, tiny_checkpoint):
+    from model.windows import WindowConfig
+
+    proc = Processor.from_pretrained(tiny_checkpoint, windows=WindowConfig(max_windows=20))
+    engine = Engine(model, proc, EngineConfig(max_slots=1, max_seq_len=160))
+    assert engine.config.max_views == 21
+    big = page(2800, 1400, "wide")  # 3 x 6 = 18 windows under a cap of 20
+    res = engine.generate([engine.make_request("Read.", [big], SamplingParams(max_new_tokens=2))])
+    assert res[0].completion_tokens == 2
