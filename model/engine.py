@@ -521,9 +521,14 @@ class Engine:
         m = max(self.media_len[:n])
         m = -(-m // self.model.config.vision.tokens) * self.model.config.vision.tokens  # whole views: few graph sizes
         tokens, positions = tokens.to(self.device), positions.to(self.device)
+        logits = None
         if self._graphs is not None:
-            logits = self._graphs.run(n, kv_len, m, tokens, positions)
-        else:
+            try:
+                logits = self._graphs.run(n, kv_len, m, tokens, positions)
+            except RuntimeError:  # capture failed (driver, kernel or memory): keep serving, eagerly
+                log.exception("CUDA graph capture failed; decoding without CUDA graphs from now on")
+                self._graphs = None
+        if logits is None:
             logits = self.decode_forward(n, kv_len, m, tokens, positions)
         rows = [s.slot for s in active]
         sampled = sample_tokens(logits[rows], [s.request.sampling for s in active], [s.generator for s in active])

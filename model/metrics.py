@@ -32,9 +32,10 @@ class MetricSpec:
 
 
 CATALOG: tuple[MetricSpec, ...] = (
-    MetricSpec("infimm_pages", "counter", "Pages finished (status=ok|error)", ("frontend", "status")),
-    MetricSpec("infimm_page_errors", "counter", "Pages that became error rows or error answers, by error type",
-               ("frontend", "error_type")),  # fmt: skip
+    MetricSpec("infimm_pages", "counter", "Batch output rows finished, one per page and prompt (status=ok|error)",
+               ("frontend", "status")),  # fmt: skip
+    MetricSpec("infimm_page_errors", "counter", "Batch rows that became error rows, by error type (online refusals: "
+               "infimm_rejected_requests)", ("frontend", "error_type")),  # fmt: skip
     MetricSpec("infimm_requests", "counter", "Generation requests finished, by finish reason",
                ("frontend", "finish_reason")),  # fmt: skip
     MetricSpec("infimm_rejected_requests", "counter", "Requests refused before generation (4xx/503), by reason",
