@@ -223,3 +223,15 @@ def test_manifests_reference_real_code():
     for folder in ("model", "pipelines", "deployments"):
         assert f"COPY {folder} ./{folder}" in docker
     assert "ray:2.60.0" in docker and "torch==2.13.0" in docker  # same pins as pyproject.toml
+
+
+def test_names_prometheus_scraped_are_the_documented_ones(prometheus, traffic):
+    """What Ray actually exported (not what we meant to export) against the README's table."""
+    names = httpx.get(prometheus + "/api/v1/label/__name__/values", timeout=10).json()["data"]
+    scraped = {re.sub(r"_(bucket|sum|count)$", "", n) for n in names if n.startswith("ray_infimm_")}
+    documented = set(re.findall(r"`(ray_infimm_[a-z_]+)`", (ROOT / "README.md").read_text()))
+    assert scraped <= documented, f"exported but not documented: {scraped - documented}"
+    # everything a CPU run can produce was seen (GPU memory and cache hits need a GPU / repeated pages)
+    assert documented - scraped <= {"ray_infimm_gpu_memory_bytes", "ray_infimm_feature_cache_hits_total"}, (
+        documented - scraped
+    )
