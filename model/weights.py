@@ -340,6 +340,10 @@ def make_tiny_checkpoint(folder: str | Path, seed: int = 0, preset: str = "tiny"
     cfg = InfiMMHDConfig.preset(preset)
     model = InfiMMHD(cfg)
     init_random_(model, seed)
+    with torch.no_grad():
+        # Cosmetic, for demos: random weights pick the 256 byte-fallback pieces (ids 3..258 of the tiny tokenizer) as
+        # often as word pieces, and stray bytes print as U+FFFD. Zero logits for them make the noise read as words.
+        model.decoder.lm_head.weight[3 : 3 + 256] = 0
     state = {k: v.to(torch.bfloat16).contiguous() for k, v in official_state_dict(model, aliases=True).items()}
     if fmt == "safetensors":
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
