@@ -72,8 +72,10 @@ class GenerateStage:
                 continue
             w = page["window"]
             views = torch.frombuffer(bytearray(page["views"]), dtype=torch.uint8).view(page["n_views"], 3, w, w)
+            # The feature-cache key: a page of a document is unique within a job, and hashing ~3-10 MB of views per
+            # page in this (GPU-feeding) process would cost more than the cache ever saves here.
             pv = PageViews(views=views, rows=page["grid_rows"], cols=page["grid_cols"], width=page["width"],
-                           height=page["height"])  # fmt: skip
+                           height=page["height"], key=f"{page['doc']}#{page['page']}")  # fmt: skip
             for r in rows:
                 try:
                     req = self.engine.make_request(r["prompt"], [pv], self.sampling)
