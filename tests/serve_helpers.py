@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import struct
@@ -83,3 +84,11 @@ def run_asgi(app, port: int):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+async def until(cond, what: str, timeout: float = 60.0) -> None:
+    """Poll `cond()` from async test code, bounded; fail with `what` if it never holds."""
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert cond(), what

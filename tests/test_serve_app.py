@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from tests.conftest import ROOT, free_port
-from tests.serve_helpers import bomb_png, data_url, image_message, noise_png, page_png, wait_for
+from tests.serve_helpers import bomb_png, data_url, image_message, noise_png, page_png, until, wait_for
 
 API_KEY = "sk-test-" + uuid.uuid4().hex[:12]
 MODEL = "infimm-hd"
@@ -302,12 +302,6 @@ def test_full_model_queue_answers_503_with_retry_after_and_disconnects_abort(ser
             started.append(stream)
             async for _ in stream:
                 pass
-
-        async def until(cond, what):
-            deadline = time.monotonic() + 60
-            while not cond() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert cond(), what
 
         # Serve counts every request not yet assigned to a replica as queued, so arrive in two waves: a burst of
         # 2 x MODEL_QUEUED would be partly refused before the replica took its share.

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from tests.conftest import free_port
-from tests.serve_helpers import data_url, image_message, noise_png, page_png, run_asgi, wait_for
+from tests.serve_helpers import data_url, image_message, noise_png, page_png, run_asgi, until, wait_for
 
 MODEL = "infimm-hd"
 
@@ -167,12 +167,6 @@ def test_full_engine_queue_answers_503_with_retry_after(stack):
         async def hold():
             async for _ in await client.chat.completions.create(**long_request(stream=True)):
                 pass
-
-        async def until(cond, what):
-            deadline = time.monotonic() + 60
-            while not cond() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            assert cond(), what
 
         try:
             tasks.append(asyncio.create_task(hold()))
