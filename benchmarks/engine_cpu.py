@@ -59,8 +59,9 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
 
     ckpt = args.checkpoint or default_tiny_checkpoint()
-    engine = Engine.from_pretrained(ckpt, device="cpu", config=EngineConfig(max_slots=args.slots, max_seq_len=512,
-                                                                            feature_cache_mb=0))  # fmt: skip
+    engine = Engine.from_pretrained(
+        ckpt, device="cpu", config=EngineConfig(max_slots=args.slots, max_seq_len=512, feature_cache_mb=0)
+    )
     pages = [document_page(args.size, args.size, seed=i) for i in range(args.pages)]
     bare_loop(engine, pages[:1], 2)  # warm-up (allocator, kernels)
     t_bare = bare_loop(engine, pages, args.new_tokens)

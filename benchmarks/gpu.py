@@ -58,7 +58,7 @@ def ceilings(device, dtype) -> dict:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     t = timed(lambda: a @ b, device, repeat=5)
-    nbytes = (2**30 if device.type == "cuda" else 2**26)
+    nbytes = 2**30 if device.type == "cuda" else 2**26
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     tc = timed(lambda: dst.copy_(src), device, repeat=5)
@@ -143,8 +143,13 @@ def checks(device) -> dict:
     out["golden_b_logits_max_abs_diff"] = float((logits.cpu() - g["b.logits"]).abs().max())
     ids = m.generate(g["d.input_ids"].to(device), g["d.attention_mask"].to(device), media[None, None], 24)
     out["golden_d_ids_equal"] = ids.cpu().tolist() == g["d.new_tokens_eoc"].tolist()
-    ids = m.generate(g["d_batch.input_ids"].to(device), g["d_batch.attention_mask"].to(device),
-                     g["c.media"].float().to(device), 24, [292])  # fmt: skip
+    ids = m.generate(
+        g["d_batch.input_ids"].to(device),
+        g["d_batch.attention_mask"].to(device),
+        g["c.media"].float().to(device),
+        24,
+        [292],
+    )
     out["golden_d_batch_ids_equal"] = ids.cpu().tolist() == g["d_batch.new_tokens_stopy"].tolist()
     if device.type == "cuda":
         cfg = InfiMMHDConfig.preset("tiny")
@@ -211,8 +216,13 @@ def main(argv=None) -> dict:
     with torch.inference_mode():
         t = timed(lambda: model.encode_views(views), device, repeat=3)
     flops = args.vit_views * vit_flops_per_view(cfg)
-    result["vit"] = {"views": args.vit_views, "seconds": t, "tflop_per_view": vit_flops_per_view(cfg) / 1e12,
-                     "tflops": flops / t / 1e12, "fraction_of_matmul_ceiling": flops / t / 1e12 / ceil["matmul_tflops"]}  # fmt: skip
+    result["vit"] = {
+        "views": args.vit_views,
+        "seconds": t,
+        "tflop_per_view": vit_flops_per_view(cfg) / 1e12,
+        "tflops": flops / t / 1e12,
+        "fraction_of_matmul_ceiling": flops / t / 1e12 / ceil["matmul_tflops"],
+    }
     views = None  # free the GPU memory before the engine runs
     emit(result, args.out)
 
@@ -221,7 +231,9 @@ def main(argv=None) -> dict:
     graphs = not args.no_graphs
 
     # decode at batch 1 against its bandwidth floor
-    eng = Engine(model, proc, EngineConfig(max_slots=1, max_seq_len=max_seq, cuda_graphs=graphs, max_views=1 + rows * cols))
+    eng = Engine(
+        model, proc, EngineConfig(max_slots=1, max_seq_len=max_seq, cuda_graphs=graphs, max_views=1 + rows * cols)
+    )
     warm = job_requests(cfg, 1, args.prompt_tokens, min(args.new_tokens, 64), rows, cols, seed=1)
     eng.generate(warm)
     res = eng.generate(job_requests(cfg, 1, args.prompt_tokens, min(args.new_tokens, 64), rows, cols, seed=2))[0]
@@ -231,23 +243,42 @@ def main(argv=None) -> dict:
     media_bytes = 2 * len(cfg.xattn_layers) * (1 + rows * cols) * cfg.vision.tokens * cfg.xattn.inner * elt
     kv_bytes = 2 * cfg.text.layers * cfg.text.kv_heads * cfg.text.head_dim * elt * (args.prompt_tokens + 32)
     floor = (lm_bytes + media_bytes + kv_bytes) / (ceil["copy_gb_per_s"] * 1e9)
-    result["decode_batch1"] = {"ms_per_token": per_token * 1e3, "bandwidth_floor_ms": floor * 1e3,
-                               "ratio_to_floor": per_token / floor, "bytes_per_step": lm_bytes + media_bytes + kv_bytes}  # fmt: skip
+    result["decode_batch1"] = {
+        "ms_per_token": per_token * 1e3,
+        "bandwidth_floor_ms": floor * 1e3,
+        "ratio_to_floor": per_token / floor,
+        "bytes_per_step": lm_bytes + media_bytes + kv_bytes,
+    }
     del eng
     emit(result, args.out)
 
     # the standard job at several batch sizes: two waves each, the second is the steady state
-    result["standard_job"] = {"grid": f"{rows}x{cols}", "prompt_tokens": args.prompt_tokens,
-                              "new_tokens": args.new_tokens, "cuda_graphs": graphs and device.type == "cuda"}  # fmt: skip
+    result["standard_job"] = {
+        "grid": f"{rows}x{cols}",
+        "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens,
+        "cuda_graphs": graphs and device.type == "cuda",
+    }
     for B in (int(b) for b in args.batches.split(",")):
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         obs = StepTimes()
         try:
-            eng = Engine(model, proc, EngineConfig(max_slots=B, max_seq_len=max_seq, cuda_graphs=graphs,
-                                                   max_views=1 + rows * cols, vit_batch_views=40,
-                                                   max_prefill_batch=8, feature_cache_mb=0), observer=obs)  # fmt: skip
+            eng = Engine(
+                model,
+                proc,
+                EngineConfig(
+                    max_slots=B,
+                    max_seq_len=max_seq,
+                    cuda_graphs=graphs,
+                    max_views=1 + rows * cols,
+                    vit_batch_views=40,
+                    max_prefill_batch=8,
+                    feature_cache_mb=0,
+                ),
+                observer=obs,
+            )
             waves = []
             for wave in range(2):
                 reqs = job_requests(cfg, B, args.prompt_tokens, args.new_tokens, rows, cols, seed=100 + wave)
@@ -256,8 +287,16 @@ def main(argv=None) -> dict:
                 out = eng.generate(reqs)
                 dt = time.perf_counter() - t0
                 assert all(r.completion_tokens == args.new_tokens for r in out)
-                waves.append({"seconds": dt, "pages_per_s": B / dt, "encode_s": obs.encode, "prefill_s": obs.prefill,
-                              "decode_s": obs.decode, "decode_ms_per_step": 1e3 * obs.decode / max(1, obs.decode_steps)})  # fmt: skip
+                waves.append(
+                    {
+                        "seconds": dt,
+                        "pages_per_s": B / dt,
+                        "encode_s": obs.encode,
+                        "prefill_s": obs.prefill,
+                        "decode_s": obs.decode,
+                        "decode_ms_per_step": 1e3 * obs.decode / max(1, obs.decode_steps),
+                    }
+                )
             entry = {"pages_per_s": waves[-1]["pages_per_s"], "cold": waves[0], "steady": waves[-1]}
             if device.type == "cuda":
                 entry["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9

@@ -40,8 +40,11 @@ def bare_loop(checkpoint: str, files: list[Path], args) -> dict:
     t0 = time.perf_counter()
     windows = WindowConfig(max_windows=args.max_windows)
     engine = Engine.from_pretrained(
-        checkpoint, device="cpu", windows=windows,
-        config=EngineConfig(max_slots=args.slots, max_views=args.max_windows + 1))  # fmt: skip
+        checkpoint,
+        device="cpu",
+        windows=windows,
+        config=EngineConfig(max_slots=args.slots, max_views=args.max_windows + 1),
+    )
     load_s = time.perf_counter() - t0
     sampling = SamplingParams(max_new_tokens=args.new_tokens)
     t0 = time.perf_counter()
@@ -51,18 +54,33 @@ def bare_loop(checkpoint: str, files: list[Path], args) -> dict:
         results = engine.generate([engine.make_request(PROMPT, [p], sampling) for p in pages])
         tokens += sum(r.completion_tokens for r in results)
     seconds = time.perf_counter() - t0
-    return {"seconds": round(seconds, 3), "load_s": round(load_s, 3), "pages_per_s": round(len(files) / seconds, 4),
-            "tokens": tokens}  # fmt: skip
+    return {
+        "seconds": round(seconds, 3),
+        "load_s": round(load_s, 3),
+        "pages_per_s": round(len(files) / seconds, 4),
+        "tokens": tokens,
+    }
 
 
 def ray_job(checkpoint: str, folder: Path, out: Path, args) -> dict:
     from pipelines.job import JobConfig, run_job
 
     arrivals: list[tuple[float, int]] = []
-    config = JobConfig(inputs=(str(folder),), output=str(out), prompts=(PROMPT,), checkpoint=checkpoint,
-                       max_new_tokens=args.new_tokens, max_windows=args.max_windows, batch_size=args.batch_size,
-                       max_slots=args.slots, actors=(1, 1), gpus_per_actor=0.0, cpus_per_actor=args.threads,
-                       torch_threads=args.threads, flush_seconds=1e9)  # fmt: skip
+    config = JobConfig(
+        inputs=(str(folder),),
+        output=str(out),
+        prompts=(PROMPT,),
+        checkpoint=checkpoint,
+        max_new_tokens=args.new_tokens,
+        max_windows=args.max_windows,
+        batch_size=args.batch_size,
+        max_slots=args.slots,
+        actors=(1, 1),
+        gpus_per_actor=0.0,
+        cpus_per_actor=args.threads,
+        torch_threads=args.threads,
+        flush_seconds=1e9,
+    )
     t0 = time.perf_counter()
     summary = run_job(config, progress=False, on_batch=lambda t: arrivals.append((time.perf_counter(), t.num_rows)))
     t_end = time.perf_counter()
@@ -91,8 +109,12 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=8, help="pages per engine call, both sides")
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
-    p.add_argument("--ray-cpus", type=int, default=max(4, (os.cpu_count() or 2) * 2),
-                   help="logical CPUs of the local Ray (the engine actor takes --threads, decode tasks the rest)")
+    p.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=max(4, (os.cpu_count() or 2) * 2),
+        help="logical CPUs of the local Ray (the engine actor takes --threads, decode tasks the rest)",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -129,7 +151,8 @@ def main(argv=None) -> dict:
         "ray_steady_over_bare": round(job["steady_pages_per_s"] / bare["pages_per_s"], 3),
         "ray_end_to_end_over_bare": round(job["pages_per_s"] / bare["pages_per_s"], 3),
         "ray_end_to_end_over_bare_with_load": round(
-            job["pages_per_s"] / (args.pages / (bare["seconds"] + bare["load_s"])), 3),
+            job["pages_per_s"] / (args.pages / (bare["seconds"] + bare["load_s"])), 3
+        ),
         "environment": environment(),
     }
     emit(result, args.out)

@@ -47,7 +47,9 @@ def summary(latencies: list[float], wall: float, tokens: int, statuses: dict) ->
 
 
 async def closed_loop(n: int, concurrency: int, one) -> tuple[list[float], float, dict]:
-    """`concurrency` workers share `n` requests; one(i) -> status. Returns latencies of the 200s, wall time, statuses."""
+    """`concurrency` workers share `n` requests; one(i) -> status.
+
+    Returns latencies of the 200s, wall time, statuses."""
     todo = iter(range(n))
     latencies: list[float] = []
     statuses: dict = {}
@@ -108,29 +110,49 @@ def bench_http(checkpoint, pages: list[bytes], args) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false",
-                                       "OMP_NUM_THREADS": str(args.threads)}})  # fmt: skip
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={
+            "env_vars": {
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+                "TOKENIZERS_PARALLELISM": "false",
+                "OMP_NUM_THREADS": str(args.threads),
+            }
+        },
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = compose(
         ServeArgs(checkpoint=str(checkpoint), device="cpu", max_slots=args.slots, metrics=True),
-        {MODEL_DEPLOYMENT: {"num_replicas": 1, "max_ongoing_requests": 2 * args.slots, "max_queued_requests": -1,
-                            "ray_actor_options": {"num_cpus": args.threads, "num_gpus": 0}},
-         INGRESS_DEPLOYMENT: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}}},
-    )  # fmt: skip
+        {
+            MODEL_DEPLOYMENT: {
+                "num_replicas": 1,
+                "max_ongoing_requests": 2 * args.slots,
+                "max_queued_requests": -1,
+                "ray_actor_options": {"num_cpus": args.threads, "num_gpus": 0},
+            },
+            INGRESS_DEPLOYMENT: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
+        },
+    )
     serve.run(app, name="bench", route_prefix="/")
     urls = ["data:image/png;base64," + base64.b64encode(p).decode() for p in pages]
 
     async def run(workload: str):
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=300,
-                                     limits=httpx.Limits(max_connections=args.concurrency + 4)) as client:  # fmt: skip
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", timeout=300, limits=httpx.Limits(max_connections=args.concurrency + 4)
+        ) as client:
 
             async def one(i: int) -> int:
                 content = [{"type": "text", "text": PROMPT}]
                 if workload == "page":
                     content.insert(0, {"type": "image_url", "image_url": {"url": urls[i % len(urls)]}})
-                body = {"model": "infimm-hd", "max_tokens": args.max_tokens, "ignore_eos": True,
-                        "messages": [{"role": "user", "content": content}]}  # fmt: skip
+                body = {
+                    "model": "infimm-hd",
+                    "max_tokens": args.max_tokens,
+                    "ignore_eos": True,
+                    "messages": [{"role": "user", "content": content}],
+                }
                 r = await client.post("/v1/chat/completions", json=body)
                 if r.status_code == 200 and r.json()["usage"]["completion_tokens"] != args.max_tokens:
                     return "short"
@@ -172,14 +194,23 @@ def main(argv=None) -> dict:
         "benchmark": "serve",
         "model": "tiny-random" if not args.checkpoint else str(args.checkpoint),
         "device": "cpu",
-        "workload": {"requests": args.requests, "concurrency": args.concurrency, "max_tokens": args.max_tokens,
-                     "slots": args.slots, "page_px": args.size, "distinct_pages": args.pages},  # fmt: skip
+        "workload": {
+            "requests": args.requests,
+            "concurrency": args.concurrency,
+            "max_tokens": args.max_tokens,
+            "slots": args.slots,
+            "page_px": args.size,
+            "distinct_pages": args.pages,
+        },
         "engine": engine,
         "http": http,
-        "http_vs_engine": {w: {
-            "throughput_ratio": round(http[w]["requests_per_s"] / engine[w]["requests_per_s"], 3),
-            "p50_overhead_s": round(http[w]["latency_p50_s"] - engine[w]["latency_p50_s"], 4),
-        } for w in ("page", "text")},  # fmt: skip
+        "http_vs_engine": {
+            w: {
+                "throughput_ratio": round(http[w]["requests_per_s"] / engine[w]["requests_per_s"], 3),
+                "p50_overhead_s": round(http[w]["latency_p50_s"] - engine[w]["latency_p50_s"], 4),
+            }
+            for w in ("page", "text")
+        },
         "environment": environment(),
     }
     emit(result, args.out)

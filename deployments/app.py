@@ -9,9 +9,10 @@
 replica meet in a model replica's engine, whose background loop batches them step by step (continuous batching).
 
 Backpressure, outermost first: the proxy's queue for the ingress (`max_queued_requests` of OpenAIIngress: Serve's own
-plain-text 503, with Retry-After from `backpressure_config`), the ingress's handle queue for the model (BackPressureError
--> our OpenAI-body 503 + Retry-After), and the engine queue (`max_waiting` -> 503). `max_ongoing_requests` of
-InfimmModel bounds what one engine holds; keep it at about 2x `max_slots` so a freed slot is refilled at once.
+plain-text 503, with Retry-After from `backpressure_config`), the ingress's handle queue for the model
+(BackPressureError -> our OpenAI-body 503 + Retry-After), and the engine queue (`max_waiting` -> 503).
+`max_ongoing_requests` of InfimmModel bounds what one engine holds; keep it at about 2x `max_slots` so a freed slot is
+refilled at once.
 """
 
 from __future__ import annotations
@@ -40,9 +41,8 @@ def load_engine(a: ServeArgs, observer=None):
     import torch
 
     from model.cli import RANDOM_BANNER, default_tiny_checkpoint
-    from model.engine import Engine, EngineConfig
-
     from model.config import InfiMMHDConfig
+    from model.engine import Engine, EngineConfig
 
     checkpoint = a.checkpoint
     if not checkpoint:
@@ -50,7 +50,9 @@ def load_engine(a: ServeArgs, observer=None):
         checkpoint = default_tiny_checkpoint()
     positions = InfiMMHDConfig.from_pretrained(checkpoint).text.max_positions
     if a.max_seq_len > positions:  # e.g. the production config run with the tiny checkpoint
-        log.warning("max_seq_len %d is over this checkpoint's %d positions; using %d", a.max_seq_len, positions, positions)
+        log.warning(
+            "max_seq_len %d is over this checkpoint's %d positions; using %d", a.max_seq_len, positions, positions
+        )
     return Engine.from_pretrained(
         checkpoint,
         device=a.device,
@@ -119,7 +121,7 @@ class HandleModelClient:
         except asyncio.CancelledError:  # our timeout or the client went away: stop the work in the replica too
             response.cancel()
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - every failure of the hop is translated into an APIError
             raise _translate(e) from None
 
     async def stream(self, payload: GenerationPayload):
@@ -129,7 +131,7 @@ class HandleModelClient:
                 yield event
         except asyncio.CancelledError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - every failure of the hop is translated into an APIError
             raise _translate(e) from None
         finally:
             gen.cancel()  # no-op when finished; otherwise aborts the request in the engine
@@ -137,7 +139,7 @@ class HandleModelClient:
     async def stats(self) -> dict:
         try:
             return await self.handle.stats.remote()
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - every failure of the hop is translated into an APIError
             raise _translate(e) from None
 
 
@@ -166,14 +168,27 @@ class OpenAIIngress:
     def __init__(self, model: DeploymentHandle, args: dict):
         a = ServeArgs.model_validate(args)
         api_key = a.api_key or os.environ.get(a.api_key_env) or None
-        policy = ImagePolicy(max_image_bytes=a.limits.max_image_bytes, windows=a.window_config(),
-                             allowed_http_hosts=tuple(a.allowed_http_hosts), s3_endpoint_url=a.s3_endpoint_url,
-                             fetch_timeout_s=a.fetch_timeout_s)  # fmt: skip
-        settings = FrontendSettings(model_name=a.model_name, limits=a.limits, api_key=api_key,
-                                    request_timeout_s=a.request_timeout_s, retry_after_s=a.retry_after_s)  # fmt: skip
+        policy = ImagePolicy(
+            max_image_bytes=a.limits.max_image_bytes,
+            windows=a.window_config(),
+            allowed_http_hosts=tuple(a.allowed_http_hosts),
+            s3_endpoint_url=a.s3_endpoint_url,
+            fetch_timeout_s=a.fetch_timeout_s,
+        )
+        settings = FrontendSettings(
+            model_name=a.model_name,
+            limits=a.limits,
+            api_key=api_key,
+            request_timeout_s=a.request_timeout_s,
+            retry_after_s=a.retry_after_s,
+        )
         self.frontend = Frontend(HandleModelClient(model), ImageFetcher(policy), settings, _metrics(a))
-        log.info("ingress for %r: auth %s, http image hosts %s", a.model_name, "on" if api_key else "off",
-                 a.allowed_http_hosts or "off")  # fmt: skip
+        log.info(
+            "ingress for %r: auth %s, http image hosts %s",
+            a.model_name,
+            "on" if api_key else "off",
+            a.allowed_http_hosts or "off",
+        )
 
     def __serve_build_asgi_app__(self):
         return make_api(self.frontend)

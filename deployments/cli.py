@@ -19,22 +19,41 @@ log = logging.getLogger(__name__)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the OpenAI-compatible online service (Ray Serve) until Ctrl-C",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible online service (Ray Serve) until Ctrl-C",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", help="checkpoint folder (default: tiny RANDOM weights, loudly)")
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--config", help="a Serve config file (e.g. infra/serve.yaml): its args and deployment options, "
-                   "with the flags given here on top")  # fmt: skip
+    p.add_argument(
+        "--config",
+        help="a Serve config file (e.g. infra/serve.yaml): its args and deployment options, "
+        "with the flags given here on top",
+    )
     p.add_argument("--model-name", help="model id clients send (default infimm-hd)")
     p.add_argument("--max-slots", type=int, help="engine decode slots per replica")
     p.add_argument("--replicas", type=int, default=1, help="model replicas without --config (fixed count)")
-    p.add_argument("--num-gpus", type=float, default=None,
-                   help="GPUs per model replica (default: 1 if this machine has CUDA, else 0)")  # fmt: skip
-    p.add_argument("--api-key-env", default="INFIMM_API_KEY",
-                   help="environment variable with the bearer token clients must send (unset: no auth)")  # fmt: skip
-    p.add_argument("--allow-http-host", action="append", default=[], metavar="HOST",
-                   help="allow http(s) image URLs on this host (repeatable; default: none)")  # fmt: skip
+    p.add_argument(
+        "--num-gpus",
+        type=float,
+        default=None,
+        help="GPUs per model replica (default: 1 if this machine has CUDA, else 0)",
+    )
+    p.add_argument(
+        "--api-key-env",
+        default="INFIMM_API_KEY",
+        help="environment variable with the bearer token clients must send (unset: no auth)",
+    )
+    p.add_argument(
+        "--allow-http-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="allow http(s) image URLs on this host (repeatable; default: none)",
+    )
     p.add_argument("--ray-address", default=None, help="join a running Ray cluster instead of starting one")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the local Ray (default: max(cores, 8))")
     p.add_argument("--metrics-port", type=int, default=None, help="Ray's Prometheus export port (default: Ray picks)")
@@ -56,13 +75,16 @@ def plan(args: argparse.Namespace, gpus: float):
     model_opts = {"ray_actor_options": {"num_gpus": gpus}}
     http = {"host": args.host, "port": args.port}
     if args.config:
-        app, name, prefix, file_http = application_from_config(load_serve_config(args.config), app_args,
-                                                               {MODEL_DEPLOYMENT: model_opts})  # fmt: skip
+        app, name, prefix, file_http = application_from_config(
+            load_serve_config(args.config), app_args, {MODEL_DEPLOYMENT: model_opts}
+        )
         return app, name, prefix, {**file_http, **http}
     model_opts = {**model_opts, "num_replicas": args.replicas}
     model_opts["ray_actor_options"]["num_cpus"] = 1
-    app = compose(ServeArgs.model_validate(app_args), {MODEL_DEPLOYMENT: model_opts,
-                                                       INGRESS_DEPLOYMENT: {"ray_actor_options": {"num_cpus": 0.5}}})
+    app = compose(
+        ServeArgs.model_validate(app_args),
+        {MODEL_DEPLOYMENT: model_opts, INGRESS_DEPLOYMENT: {"ray_actor_options": {"num_cpus": 0.5}}},
+    )
     return app, "infimm-hd", "/", http
 
 
@@ -81,8 +103,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     if not ray.is_initialized():
-        init = {"address": args.ray_address, "include_dashboard": False,
-                "runtime_env": {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}}}  # fmt: skip
+        init = {
+            "address": args.ray_address,
+            "include_dashboard": False,
+            "runtime_env": {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}},
+        }
         if args.ray_address is None:
             # Logical CPUs are scheduling tokens: enough for the config's replicas (infra/serve.yaml asks 4 + 2) even
             # on a laptop; real parallelism is whatever the machine has.

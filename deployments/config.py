@@ -26,7 +26,9 @@ class Limits(BaseModel):
     max_request_bytes: int = Field(20 * 2**20, ge=1024, description="HTTP body size (base64 images count here)")
     max_image_bytes: int = Field(10 * 2**20, ge=1, description="one image after base64 decoding or download")
     max_images: int = Field(4, ge=0, description="images per request")
-    max_megapixels: float = Field(40.0, gt=0, description="declared width x height, read from the header before decoding")
+    max_megapixels: float = Field(
+        40.0, gt=0, description="declared width x height, read from the header before decoding"
+    )
     max_windows: int = Field(34, ge=1, description="448x448 views per request over all images (windows + thumbnails)")
     max_prompt_tokens: int = Field(4096, ge=1, description="tokens of the rendered prompt, image placeholders included")
     max_tokens: int = Field(1024, ge=1, description="largest max_tokens a client may ask for")
@@ -70,7 +72,7 @@ class ServeArgs(BaseModel):
         return WindowConfig(max_windows=self.max_windows_per_image, max_pixels=self.limits.max_pixels)
 
 
-# ---- Serve config files -------------------------------------------------------------------------------------------------
+# ---- Serve config files ----------------------------------------------------------------------------------------------
 def load_serve_config(path: str | Path) -> dict:
     """Read and validate a Serve config file with Serve's own schema (what `serve deploy` checks)."""
     import yaml
@@ -112,7 +114,9 @@ def application_from_config(config: dict, args: dict | None = None, deployments:
         options[name] = _merge(options.get(name, {}), extra)
     unknown = set(options) - {MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT}
     if unknown:
-        raise ValueError(f"config names unknown deployments {sorted(unknown)}; this app has "
-                         f"{MODEL_DEPLOYMENT} and {INGRESS_DEPLOYMENT}")  # fmt: skip
+        raise ValueError(
+            f"config names unknown deployments {sorted(unknown)}; this app has "
+            f"{MODEL_DEPLOYMENT} and {INGRESS_DEPLOYMENT}"
+        )
     http = schema.http_options.model_dump(exclude_unset=True)
     return compose(ServeArgs.model_validate(merged_args), options), app.name, app.route_prefix, http

@@ -13,8 +13,8 @@ Answers are events (plain dicts) rather than exceptions, because they cross a Ra
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from model.engine import Engine, Request, Result
 from model.processor import ChatMessage
@@ -43,14 +43,16 @@ class GenerationPayload:
 
 
 class EngineServer:
-    def __init__(self, engine: Engine, limits: Limits = Limits(), max_waiting: int | None = None, retry_after_s: int = 1):
+    def __init__(
+        self, engine: Engine, limits: Limits = Limits(), max_waiting: int | None = None, retry_after_s: int = 1
+    ):
         self.engine = engine
         self.limits = limits
         self.max_waiting = max_waiting
         self.retry_after_s = retry_after_s
         engine.start()
 
-    # ---- requests -----------------------------------------------------------------------------------------------------
+    # ---- requests ----------------------------------------------------------------------------------------------------
     def build(self, p: GenerationPayload) -> Request:
         """Tokenize and check; raises APIError. Mirrors the batch pipeline's `engine.make_request` path."""
         e, lim = self.engine, self.limits
@@ -60,27 +62,45 @@ class EngineServer:
             raise APIError(400, str(err), "invalid_request", param="messages") from None
         n = len(req.prompt_ids)
         if n > lim.max_prompt_tokens:
-            raise APIError(400, f"prompt is {n} tokens, over the {lim.max_prompt_tokens}-token limit (max_prompt_tokens)",
-                           "prompt_too_long", param="messages")  # fmt: skip
+            raise APIError(
+                400,
+                f"prompt is {n} tokens, over the {lim.max_prompt_tokens}-token limit (max_prompt_tokens)",
+                "prompt_too_long",
+                param="messages",
+            )
         context = e.config.max_seq_len
         if p.max_tokens is None:
             new = min(lim.default_max_tokens, context - n)
         else:
             new = p.max_tokens
         if new < 1 or n + new > context:
-            raise APIError(400, f"prompt of {n} tokens + max_tokens {max(new, 1)} is over this model's {context}-token "
-                           "context; shorten the prompt or lower max_tokens", "context_length_exceeded",
-                           param="max_tokens" if p.max_tokens else "messages")  # fmt: skip
-        req.sampling = SamplingParams(max_new_tokens=new, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                                      seed=p.seed, stop=tuple(p.stop),
-                                      min_new_tokens=new if p.ignore_eos else min(p.min_tokens, new))  # fmt: skip
+            raise APIError(
+                400,
+                f"prompt of {n} tokens + max_tokens {max(new, 1)} is over this model's {context}-token "
+                "context; shorten the prompt or lower max_tokens",
+                "context_length_exceeded",
+                param="max_tokens" if p.max_tokens else "messages",
+            )
+        req.sampling = SamplingParams(
+            max_new_tokens=new,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            top_k=p.top_k,
+            seed=p.seed,
+            stop=tuple(p.stop),
+            min_new_tokens=new if p.ignore_eos else min(p.min_tokens, new),
+        )
         try:
             e.validate(req)
         except ValueError as err:
             raise APIError(400, str(err), "invalid_request", param="messages") from None
         if self.max_waiting is not None and e.stats()["waiting"] >= self.max_waiting:
-            raise APIError(503, f"the model is at capacity ({self.max_waiting} requests already queued); retry later",
-                           "engine_queue_full", headers={"Retry-After": str(self.retry_after_s)})  # fmt: skip
+            raise APIError(
+                503,
+                f"the model is at capacity ({self.max_waiting} requests already queued); retry later",
+                "engine_queue_full",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
         return req
 
     async def complete(self, p: GenerationPayload) -> dict:
@@ -107,7 +127,7 @@ class EngineServer:
         finally:  # a consumer that stops early (disconnect, timeout) closes us at a yield: abort in the engine now
             await deltas.aclose()
 
-    # ---- state --------------------------------------------------------------------------------------------------------
+    # ---- state -------------------------------------------------------------------------------------------------------
     def stats(self) -> dict:
         return {**self.engine.stats(), "max_seq_len": self.engine.config.max_seq_len, "alive": self.alive()}
 
@@ -126,5 +146,10 @@ class EngineServer:
 def _end(r: Result) -> dict:
     if r.finish_reason not in ("stop", "length"):  # "error": a failed engine step; "abort": we never see our own
         return APIError(500, f"generation failed ({r.finish_reason}); see the replica log", "engine_error").to_event()
-    return {"event": "end", "text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens}  # fmt: skip
+    return {
+        "event": "end",
+        "text": r.text,
+        "finish_reason": r.finish_reason,
+        "prompt_tokens": r.prompt_tokens,
+        "completion_tokens": r.completion_tokens,
+    }

@@ -19,8 +19,9 @@ import hmac
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -81,7 +82,7 @@ class Frontend:
         self.metrics = metrics or _NoMetrics()
         self.ongoing = 0
 
-    # ---- helpers --------------------------------------------------------------------------------------------------------
+    # ---- helpers -----------------------------------------------------------------------------------------------------
     def error_response(self, err: APIError) -> JSONResponse:
         headers = dict(err.headers)
         if err.status == 503:
@@ -104,33 +105,45 @@ class Frontend:
         limit = self.settings.limits.max_request_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise APIError(413, f"request body is {declared} bytes, over the {limit}-byte limit (max_request_bytes)",
-                           "request_too_large")  # fmt: skip
+            raise APIError(
+                413,
+                f"request body is {declared} bytes, over the {limit}-byte limit (max_request_bytes)",
+                "request_too_large",
+            )
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > limit:
-                raise APIError(413, f"request body is over the {limit}-byte limit (max_request_bytes)",
-                               "request_too_large")  # fmt: skip
+                raise APIError(
+                    413, f"request body is over the {limit}-byte limit (max_request_bytes)", "request_too_large"
+                )
         return bytes(body)
 
     def _set_ongoing(self, delta: int) -> None:
         self.ongoing += delta
         self.metrics.set("infimm_ongoing_requests", self.ongoing)
 
-    # ---- request -> payload ----------------------------------------------------------------------------------------------
+    # ---- request -> payload ------------------------------------------------------------------------------------------
     def check_request(self, req: ChatCompletionRequest) -> None:
         lim = self.settings.limits
         if req.model != self.settings.model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves {self.settings.model_name!r}",
-                           "model_not_found", param="model")  # fmt: skip
+            raise APIError(
+                404,
+                f"model {req.model!r} does not exist; this server serves {self.settings.model_name!r}",
+                "model_not_found",
+                param="model",
+            )
         bad = req.unsupported()
         if bad:
             raise APIError(400, bad[1], "unsupported_parameter", param=bad[0])
         want = req.requested_max_tokens
         if want is not None and want > lim.max_tokens:
-            raise APIError(400, f"max_tokens {want} is over this server's limit of {lim.max_tokens}", "max_tokens_too_large",
-                           param="max_tokens")  # fmt: skip
+            raise APIError(
+                400,
+                f"max_tokens {want} is over this server's limit of {lim.max_tokens}",
+                "max_tokens_too_large",
+                param="max_tokens",
+            )
         stops = req.stop_list
         if len(stops) > lim.max_stop or any(not s for s in stops):
             raise APIError(400, f"stop takes up to {lim.max_stop} non-empty strings", "invalid_stop", param="stop")
@@ -138,12 +151,20 @@ class Frontend:
         for i, m in enumerate(req.messages):
             imgs = sum(isinstance(p, ImagePart) for p in m.parts())
             if imgs and m.role != "user":
-                raise APIError(400, f"messages[{i}] ({m.role}) has an image; images belong in user messages",
-                               "invalid_request", param=f"messages[{i}].content")  # fmt: skip
+                raise APIError(
+                    400,
+                    f"messages[{i}] ({m.role}) has an image; images belong in user messages",
+                    "invalid_request",
+                    param=f"messages[{i}].content",
+                )
             n_images += imgs
         if n_images > lim.max_images:
-            raise APIError(400, f"request has {n_images} images, over the limit of {lim.max_images} (max_images)",
-                           "too_many_images", param="messages")  # fmt: skip
+            raise APIError(
+                400,
+                f"request has {n_images} images, over the limit of {lim.max_images} (max_images)",
+                "too_many_images",
+                param="messages",
+            )
 
     async def build_payload(self, req: ChatCompletionRequest, request_id: str) -> GenerationPayload:
         urls = [p.image_url.url for m in req.messages for p in m.parts() if isinstance(p, ImagePart)]
@@ -154,9 +175,13 @@ class Frontend:
         views = sum(p.n_views for p in loaded)
         limit = self.settings.limits.max_windows
         if views > limit:
-            raise APIError(400, f"the request's images make {views} 448x448 views (windows + thumbnails), over the "
-                           f"limit of {limit} (max_windows); send fewer or smaller pages", "too_many_windows",
-                           param="messages")  # fmt: skip
+            raise APIError(
+                400,
+                f"the request's images make {views} 448x448 views (windows + thumbnails), over the "
+                f"limit of {limit} (max_windows); send fewer or smaller pages",
+                "too_many_windows",
+                param="messages",
+            )
         pages = iter(loaded)
         messages = []
         for m in req.messages:
@@ -175,7 +200,7 @@ class Frontend:
             ignore_eos=req.ignore_eos,
         )
 
-    # ---- routes ---------------------------------------------------------------------------------------------------------
+    # ---- routes ------------------------------------------------------------------------------------------------------
     async def chat_completions(self, request: Request) -> Response:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout_s
@@ -204,14 +229,25 @@ class Frontend:
                     self._set_ongoing(-1)
 
                 handed_to_stream = True
-                return _ClosingStreamingResponse(self._sse(stream, request_id, include_usage, deadline), close,
-                                                 media_type="text/event-stream",
-                                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                return _ClosingStreamingResponse(
+                    self._sse(stream, request_id, include_usage, deadline),
+                    close,
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
             ev = await _within(self.client.complete(payload), deadline, loop)
             if ev["event"] == "error":
                 raise APIError.from_event(ev)
-            return JSONResponse(completion_body(request_id, self.settings.model_name, ev["text"], ev["finish_reason"],
-                                                ev["prompt_tokens"], ev["completion_tokens"]))  # fmt: skip
+            return JSONResponse(
+                completion_body(
+                    request_id,
+                    self.settings.model_name,
+                    ev["text"],
+                    ev["finish_reason"],
+                    ev["prompt_tokens"],
+                    ev["completion_tokens"],
+                )
+            )
         except APIError as err:
             self.metrics.rejected(err.code)
             if err.status >= 500:
@@ -221,8 +257,9 @@ class Frontend:
             if not handed_to_stream:
                 self._set_ongoing(-1)
 
-    async def _sse(self, stream: AsyncIterator[dict], request_id: str, include_usage: bool,
-                   deadline: float) -> AsyncIterator[bytes]:  # fmt: skip
+    async def _sse(
+        self, stream: AsyncIterator[dict], request_id: str, include_usage: bool, deadline: float
+    ) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         name, created = self.settings.model_name, int(time.time())
         try:
@@ -237,8 +274,15 @@ class Frontend:
                 elif ev["event"] == "end":
                     yield sse(chunk_body(request_id, name, created, {}, ev["finish_reason"]))
                     if include_usage:
-                        yield sse(chunk_body(request_id, name, created, None,
-                                             usage_=usage(ev["prompt_tokens"], ev["completion_tokens"])))  # fmt: skip
+                        yield sse(
+                            chunk_body(
+                                request_id,
+                                name,
+                                created,
+                                None,
+                                usage_=usage(ev["prompt_tokens"], ev["completion_tokens"]),
+                            )
+                        )
                     yield sse("[DONE]")
                     return
                 elif ev["event"] == "error":
@@ -256,20 +300,25 @@ class Frontend:
         except APIError as err:
             self.metrics.rejected(err.code)
             return self.error_response(err)
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "infimm-hd"}]})  # fmt: skip
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [{"id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "infimm-hd"}],
+            }
+        )
 
     async def ready(self) -> Response:
         try:
             stats = await asyncio.wait_for(self.client.stats(), self.settings.ready_timeout_s)
         except APIError as err:
             return self.error_response(APIError(503, f"model not ready: {err.message}", "not_ready"))
-        except Exception as e:  # timeout, replica gone
+        except Exception as e:  # noqa: BLE001 - timeout, replica gone: any failure means not ready
             return self.error_response(APIError(503, f"model not ready: {type(e).__name__}: {e}", "not_ready"))
         if not stats.get("alive", True):
             return self.error_response(APIError(503, "model not ready: engine loop is not running", "not_ready"))
-        return JSONResponse({"status": "ready", "model": self.settings.model_name, "engine": stats,
-                             "ongoing_requests": self.ongoing})  # fmt: skip
+        return JSONResponse(
+            {"status": "ready", "model": self.settings.model_name, "engine": stats, "ongoing_requests": self.ongoing}
+        )
 
 
 class _ClosingStreamingResponse(StreamingResponse):
@@ -298,9 +347,12 @@ async def _within(awaitable, deadline: float, loop: asyncio.AbstractEventLoop):
     """Await with what is left of the request's time; past it, cancel (which aborts in the engine) and answer 504."""
     try:
         return await asyncio.wait_for(awaitable, max(0.0, deadline - loop.time()))
-    except asyncio.TimeoutError:
-        raise APIError(504, "the request timed out before the model finished; it was aborted. Lower max_tokens or "
-                       "retry later", "timeout") from None  # fmt: skip
+    except TimeoutError:
+        raise APIError(
+            504,
+            "the request timed out before the model finished; it was aborted. Lower max_tokens or retry later",
+            "timeout",
+        ) from None
 
 
 def make_api(frontend: Frontend) -> FastAPI:
@@ -309,7 +361,9 @@ def make_api(frontend: Frontend) -> FastAPI:
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return frontend.error_response(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code))
+        return frontend.error_response(
+            APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code)
+        )
 
     @api.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

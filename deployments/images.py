@@ -34,8 +34,12 @@ class ImagePolicy:
 
 
 def _too_big(n: int, limit: int, what: str) -> APIError:
-    return APIError(413, f"{what} is {n} bytes, over the {limit}-byte image limit (max_image_bytes)", "image_too_large",
-                    param="messages")  # fmt: skip
+    return APIError(
+        413,
+        f"{what} is {n} bytes, over the {limit}-byte image limit (max_image_bytes)",
+        "image_too_large",
+        param="messages",
+    )
 
 
 def decode_data_url(url: str, max_bytes: int) -> bytes:
@@ -45,12 +49,14 @@ def decode_data_url(url: str, max_bytes: int) -> bytes:
         raise APIError(400, "data: URL has no ',' before the payload", "invalid_image_url", param="messages")
     params = head[len("data:") :].split(";")
     if "base64" not in params[1:]:
-        raise APIError(400, "data: image URLs must be base64 (data:image/png;base64,...)", "invalid_image_url",
-                       param="messages")  # fmt: skip
+        raise APIError(
+            400, "data: image URLs must be base64 (data:image/png;base64,...)", "invalid_image_url", param="messages"
+        )
     mime = params[0].lower()
     if mime and not (mime.startswith("image/") or mime == "application/octet-stream"):
-        raise APIError(400, f"data: URL has media type {mime!r}; send an image/* type", "invalid_image_url",
-                       param="messages")  # fmt: skip
+        raise APIError(
+            400, f"data: URL has media type {mime!r}; send an image/* type", "invalid_image_url", param="messages"
+        )
     payload = "".join(payload.split())  # line breaks are legal inside base64 text
     decoded_size = len(payload) * 3 // 4 - payload[-2:].count("=")
     if decoded_size > max_bytes:
@@ -99,18 +105,26 @@ class ImageFetcher:
             return await asyncio.to_thread(self._s3_get, url)
         if scheme in ("http", "https"):
             return await self._http_get(url)
-        raise APIError(400, f"unsupported image URL scheme {scheme + ':' if scheme else url[:20]!r}; use data:, s3:// or "
-                       "http(s):// (allowed hosts only)", "unsupported_image_url", param="messages")  # fmt: skip
+        raise APIError(
+            400,
+            f"unsupported image URL scheme {scheme + ':' if scheme else url[:20]!r}; use data:, s3:// or "
+            "http(s):// (allowed hosts only)",
+            "unsupported_image_url",
+            param="messages",
+        )
 
-    # ---- S3 ---------------------------------------------------------------------------------------------------------------
+    # ---- S3 ----------------------------------------------------------------------------------------------------------
     def _s3_client(self):
         with self._s3_lock:  # boto3 client creation is not thread-safe; the client itself is
             if self._s3 is None:
                 import boto3
                 from botocore.config import Config
 
-                cfg = Config(connect_timeout=min(5.0, self.policy.fetch_timeout_s), read_timeout=self.policy.fetch_timeout_s,
-                             retries={"max_attempts": 2, "mode": "standard"})  # fmt: skip
+                cfg = Config(
+                    connect_timeout=min(5.0, self.policy.fetch_timeout_s),
+                    read_timeout=self.policy.fetch_timeout_s,
+                    retries={"max_attempts": 2, "mode": "standard"},
+                )
                 self._s3 = boto3.session.Session().client("s3", endpoint_url=self.policy.s3_endpoint_url, config=cfg)
             return self._s3
 
@@ -120,8 +134,9 @@ class ImageFetcher:
         parts = urlsplit(url)
         bucket, key = parts.netloc, unquote(parts.path.lstrip("/"))
         if not bucket or not key:
-            raise APIError(400, f"s3 URL {url!r} needs a bucket and a key (s3://bucket/key)", "invalid_image_url",
-                           param="messages")  # fmt: skip
+            raise APIError(
+                400, f"s3 URL {url!r} needs a bucket and a key (s3://bucket/key)", "invalid_image_url", param="messages"
+            )
         limit = self.policy.max_image_bytes
         try:
             obj = self._s3_client().get_object(Bucket=bucket, Key=key)
@@ -135,11 +150,13 @@ class ImageFetcher:
         except ClientError as e:
             code = str(e.response.get("Error", {}).get("Code", ""))
             if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound"):
-                raise APIError(400, f"image s3://{bucket}/{key} does not exist ({code})", "image_not_found",
-                               param="messages") from None  # fmt: skip
+                raise APIError(
+                    400, f"image s3://{bucket}/{key} does not exist ({code})", "image_not_found", param="messages"
+                ) from None
             if code in ("AccessDenied", "403", "Forbidden"):
-                raise APIError(400, f"image s3://{bucket}/{key}: access denied", "image_forbidden",
-                               param="messages") from None  # fmt: skip
+                raise APIError(
+                    400, f"image s3://{bucket}/{key}: access denied", "image_forbidden", param="messages"
+                ) from None
             log.warning("s3 fetch of s3://%s/%s failed: %s", bucket, key, e)
             raise APIError(502, f"could not fetch s3://{bucket}/{key}: {code}", "image_fetch_failed") from None
         except BotoCoreError as e:  # endpoint down, timeouts, no credentials
@@ -149,7 +166,7 @@ class ImageFetcher:
             raise _too_big(len(data), limit, f"s3://{bucket}/{key}")
         return data
 
-    # ---- HTTP(S) ----------------------------------------------------------------------------------------------------------
+    # ---- HTTP(S) -----------------------------------------------------------------------------------------------------
     def host_allowed(self, url: str) -> bool:
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()
@@ -158,11 +175,19 @@ class ImageFetcher:
 
     async def _http_get(self, url: str) -> bytes:
         if not self.policy.allowed_http_hosts:
-            raise APIError(400, "http(s) image URLs are disabled on this server; send a data: or s3:// URL",
-                           "unsupported_image_url", param="messages")  # fmt: skip
+            raise APIError(
+                400,
+                "http(s) image URLs are disabled on this server; send a data: or s3:// URL",
+                "unsupported_image_url",
+                param="messages",
+            )
         if not self.host_allowed(url):
-            raise APIError(400, f"image host {urlsplit(url).hostname!r} is not on this server's allow-list",
-                           "image_host_not_allowed", param="messages")  # fmt: skip
+            raise APIError(
+                400,
+                f"image host {urlsplit(url).hostname!r} is not on this server's allow-list",
+                "image_host_not_allowed",
+                param="messages",
+            )
         import httpx
 
         if self._http is None:
@@ -173,8 +198,9 @@ class ImageFetcher:
                 if r.status_code == 404:
                     raise APIError(400, f"image {url} does not exist (HTTP 404)", "image_not_found", param="messages")
                 if r.status_code != 200:
-                    raise APIError(400, f"image {url} answered HTTP {r.status_code}", "image_fetch_failed",
-                                   param="messages")  # fmt: skip
+                    raise APIError(
+                        400, f"image {url} answered HTTP {r.status_code}", "image_fetch_failed", param="messages"
+                    )
                 declared = r.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > limit:
                     raise _too_big(int(declared), limit, url)

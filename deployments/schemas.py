@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -23,8 +23,15 @@ class APIError(Exception):
     `code` is a short stable tag; it is also the `reason` tag of the rejected-requests metric, so keep the set small.
     """
 
-    def __init__(self, status: int, message: str, code: str, type: str | None = None, param: str | None = None,
-                 headers: dict[str, str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        type: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -37,20 +44,27 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def to_event(self) -> dict:  # how the model deployment reports it across a handle
-        return {"event": "error", "status": self.status, "message": self.message, "code": self.code,
-                "type": self.type, "param": self.param}  # fmt: skip
+        return {
+            "event": "error",
+            "status": self.status,
+            "message": self.message,
+            "code": self.code,
+            "type": self.type,
+            "param": self.param,
+        }
 
     @classmethod
-    def from_event(cls, ev: dict, headers: dict[str, str] | None = None) -> "APIError":
+    def from_event(cls, ev: dict, headers: dict[str, str] | None = None) -> APIError:
         return cls(ev["status"], ev["message"], ev["code"], ev.get("type"), ev.get("param"), headers)
 
 
 def _default_type(status: int) -> str:
-    return {401: "authentication_error", 404: "invalid_request_error", 503: "service_unavailable",
-            504: "timeout"}.get(status, "invalid_request_error" if status < 500 else "server_error")  # fmt: skip
+    return {401: "authentication_error", 404: "invalid_request_error", 503: "service_unavailable", 504: "timeout"}.get(
+        status, "invalid_request_error" if status < 500 else "server_error"
+    )
 
 
-# ---- request ------------------------------------------------------------------------------------------------------------
+# ---- request ---------------------------------------------------------------------------------------------------------
 class TextPart(BaseModel):
     type: Literal["text"]
     text: str
@@ -66,7 +80,7 @@ class ImagePart(BaseModel):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class Message(BaseModel):
@@ -169,30 +183,57 @@ def _param(loc: tuple) -> str:
     return out
 
 
-# ---- response -----------------------------------------------------------------------------------------------------------
-def completion_body(request_id: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
-                    completion_tokens: int, created: int | None = None) -> dict:  # fmt: skip
+# ---- response --------------------------------------------------------------------------------------------------------
+def completion_body(
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    created: int | None = None,
+) -> dict:
     return {
         "id": f"chatcmpl-{request_id}",
         "object": "chat.completion",
         "created": created or int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                     "finish_reason": finish_reason}],  # fmt: skip
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
         "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def chunk_body(request_id: str, model: str, created: int, delta: dict | None = None, finish_reason: str | None = None,
-               usage_: dict | None = None) -> dict:  # fmt: skip
+def chunk_body(
+    request_id: str,
+    model: str,
+    created: int,
+    delta: dict | None = None,
+    finish_reason: str | None = None,
+    usage_: dict | None = None,
+) -> dict:
     choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
-    body = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": choices}  # fmt: skip
+    body = {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
     if usage_ is not None:
         body["usage"] = usage_
     return body

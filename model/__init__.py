@@ -7,7 +7,23 @@ from .weights import CheckpointError, convert_checkpoint, load_pretrained, make_
 from .windows import ImageError, PageViews, WindowConfig, normalize_views, prepare_image, window_position_encoding
 
 __all__ = [
-    "ChatMessage", "CheckpointError", "CrossAttnConfig", "ImageError", "InfiMMHD", "InfiMMHDConfig", "Inputs",
-    "PageViews", "Processor", "PromptFormat", "TextConfig", "VisionConfig", "WindowConfig", "convert_checkpoint",
-    "load_pretrained", "make_tiny_checkpoint", "normalize_views", "prepare_image", "window_position_encoding",
+    "ChatMessage",
+    "CheckpointError",
+    "CrossAttnConfig",
+    "ImageError",
+    "InfiMMHD",
+    "InfiMMHDConfig",
+    "Inputs",
+    "PageViews",
+    "Processor",
+    "PromptFormat",
+    "TextConfig",
+    "VisionConfig",
+    "WindowConfig",
+    "convert_checkpoint",
+    "load_pretrained",
+    "make_tiny_checkpoint",
+    "normalize_views",
+    "prepare_image",
+    "window_position_encoding",
 ]

@@ -60,23 +60,26 @@ class MediaKV:
     key_time: torch.Tensor
 
     @classmethod
-    def empty(cls, layers: int, rows: int, max_tokens: int, heads: int, dim_head: int, *, dtype, device) -> "MediaKV":
+    def empty(cls, layers: int, rows: int, max_tokens: int, heads: int, dim_head: int, *, dtype, device) -> MediaKV:
         def zeros():
             return torch.zeros(rows, heads, max_tokens, dim_head, dtype=dtype, device=device)
 
-        return cls(k=[zeros() for _ in range(layers)], v=[zeros() for _ in range(layers)],
-                   key_time=torch.zeros(rows, max_tokens, dtype=torch.long, device=device))  # fmt: skip
+        return cls(
+            k=[zeros() for _ in range(layers)],
+            v=[zeros() for _ in range(layers)],
+            key_time=torch.zeros(rows, max_tokens, dtype=torch.long, device=device),
+        )
 
     @property
     def max_tokens(self) -> int:
         return self.key_time.shape[1]
 
-    def rows(self, n: int, tokens: int | None = None) -> "MediaKV":
+    def rows(self, n: int, tokens: int | None = None) -> MediaKV:
         """View of rows [0, n) and keys [0, tokens)."""
         m = self.max_tokens if tokens is None else tokens
         return MediaKV([t[:n, :, :m] for t in self.k], [t[:n, :, :m] for t in self.v], self.key_time[:n, :m])
 
-    def store_last_image(self, slot: int, source: "MediaKV", row: int) -> int:
+    def store_last_image(self, slot: int, source: MediaKV, row: int) -> int:
         """Copy the keys of the LAST image of `source` row `row` into row `slot` as media item 1; returns its length.
 
         Decode steps only ever attend to the last image of the prompt (spec §4.4), so that is all a slot keeps.

@@ -1,10 +1,10 @@
 """`infimm-hd` command line: model commands here; `batch` and `serve` come from pipelines/ and deployments/.
 
-    infimm-hd generate --checkpoint DIR --image PAGE.png --prompt "Transcribe this page."
-    infimm-hd make-tiny-checkpoint DIR [--seed N] [--format safetensors|bin]
-    infimm-hd convert-checkpoint SRC DST [--shard-gb 5] [--dtype bfloat16]
-    infimm-hd batch run|submit|status|logs ...     (pipelines/cli.py)
-    infimm-hd serve ...                            (deployments/cli.py)
+infimm-hd generate --checkpoint DIR --image PAGE.png --prompt "Transcribe this page."
+infimm-hd make-tiny-checkpoint DIR [--seed N] [--format safetensors|bin]
+infimm-hd convert-checkpoint SRC DST [--shard-gb 5] [--dtype bfloat16]
+infimm-hd batch run|submit|status|logs ...     (pipelines/cli.py)
+infimm-hd serve ...                            (deployments/cli.py)
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ RANDOM_BANNER = (
     "=" * 78 + "\n"
     "  WARNING: no --checkpoint given: using a TINY checkpoint with RANDOM WEIGHTS built on the spot.\n"
     "  Everything works end to end, but the generated text is noise. Pass --checkpoint DIR for real output.\n"
-    + "=" * 78
+    + "="
+    * 78
 )
 
 
@@ -29,7 +30,9 @@ def default_tiny_checkpoint(seed: int = 0) -> Path:
     """A tiny random checkpoint, built once per machine (cached in the temp folder) and reused."""
     from .weights import make_tiny_checkpoint
 
-    folder = Path(os.environ.get("INFIMM_TINY_CHECKPOINT", Path(tempfile.gettempdir()) / f"infimm-hd-tiny-random-{seed}"))
+    folder = Path(
+        os.environ.get("INFIMM_TINY_CHECKPOINT", Path(tempfile.gettempdir()) / f"infimm-hd-tiny-random-{seed}")
+    )
     if not (folder / "config.json").exists():
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         make_tiny_checkpoint(tmp, seed=seed)
@@ -72,9 +75,11 @@ def cmd_generate(args) -> int:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         grid = request.images[0]
-        print(f"page {grid.width}x{grid.height} -> {grid.rows}x{grid.cols} windows + thumbnail; "
-              f"{result.prompt_tokens} prompt tokens, {result.completion_tokens} new ({result.finish_reason})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"page {grid.width}x{grid.height} -> {grid.rows}x{grid.cols} windows + thumbnail; "
+            f"{result.prompt_tokens} prompt tokens, {result.completion_tokens} new ({result.finish_reason})",
+            file=sys.stderr,
+        )
         print(result.text)
     return 0
 
@@ -92,8 +97,9 @@ def cmd_convert(args) -> int:
 
     from .weights import convert_checkpoint
 
-    report = convert_checkpoint(args.src, args.dst, shard_gb=args.shard_gb,
-                                dtype=getattr(torch, args.dtype) if args.dtype else None)  # fmt: skip
+    report = convert_checkpoint(
+        args.src, args.dst, shard_gb=args.shard_gb, dtype=getattr(torch, args.dtype) if args.dtype else None
+    )
     print(f"converted {args.src} -> {args.dst}\n{report}")
     return 0
 
@@ -128,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--shard-gb", type=float, default=5.0)
-    p.add_argument("--dtype", default=None, help="cast while converting (e.g. bfloat16); default keeps the stored dtype")
+    p.add_argument(
+        "--dtype", default=None, help="cast while converting (e.g. bfloat16); default keeps the stored dtype"
+    )
     p.set_defaults(func=cmd_convert)
 
     for module in ("pipelines.cli", "deployments.cli"):
@@ -145,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     from .weights import CheckpointError
 
     try:

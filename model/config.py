@@ -1,8 +1,10 @@
 """Configuration of InfiMM-HD: one frozen dataclass per component, official numbers as defaults.
 
-The official checkpoint ships a `config.json` in the HF schema (spec §2): `visual` and `language` dicts plus a few top-level
-keys. `InfiMMHDConfig.from_hf_config` / `to_hf_config` read and write that schema so a downloaded checkpoint just works.
-Values the official config does not carry (cross-attention heads, ff_mult) come from the official block defaults (spec §4.3).
+The official checkpoint ships a `config.json` in the HF schema (spec §2): `visual` and `language` dicts plus a few
+top-level keys. `InfiMMHDConfig.from_hf_config` / `to_hf_config` read and write that schema so a downloaded
+checkpoint just works.
+Values the official config does not carry (cross-attention heads, ff_mult) come from the official block defaults
+(spec §4.3).
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ class InfiMMHDConfig:
     xattn: CrossAttnConfig = field(default_factory=CrossAttnConfig)
     image_token_id: int = 32001
     eoc_token_id: int = 32000
-    # Length of the sinusoid table of the 2-D window encoding; values do not depend on it (spec §3.4), it only bounds the grid.
+    # Length of the sinusoid table of the 2-D window encoding; values do not depend on it (spec §3.4), it only
+    # bounds the grid.
     pe_max_pos: int = 64
 
     @property
@@ -104,14 +107,14 @@ class InfiMMHDConfig:
 
     # ---- presets -------------------------------------------------------------------------------------------------
     @classmethod
-    def preset(cls, name: str) -> "InfiMMHDConfig":
+    def preset(cls, name: str) -> InfiMMHDConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return PRESETS[name]
 
     # ---- official config.json round trip ---------------------------------------------------------------------------
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "InfiMMHDConfig":
+    def from_hf_config(cls, cfg: dict) -> InfiMMHDConfig:
         missing = [k for k in ("visual", "language", "image_token_id", "eoc_token_id") if k not in cfg]
         if missing:
             raise ValueError(f"not an InfiMM-HD config.json: missing {missing}")
@@ -211,14 +214,14 @@ class InfiMMHDConfig:
         }
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> "InfiMMHDConfig":
+    def from_pretrained(cls, path: str | Path) -> InfiMMHDConfig:
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
         if not file.exists():
             raise FileNotFoundError(f"no config.json in {path}; is this an InfiMM-HD checkpoint folder?")
         return cls.from_hf_config(json.loads(file.read_text()))
 
-    def replace(self, **changes) -> "InfiMMHDConfig":
+    def replace(self, **changes) -> InfiMMHDConfig:
         return dataclasses.replace(self, **changes)
 
 

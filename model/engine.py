@@ -26,9 +26,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 import torch
 
@@ -177,8 +177,13 @@ def content_key(page: PageViews) -> str:
 
 
 class Engine:
-    def __init__(self, model: InfiMMHD, processor: Processor, config: EngineConfig = EngineConfig(),
-                 observer: EngineObserver | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: InfiMMHD,
+        processor: Processor,
+        config: EngineConfig = EngineConfig(),
+        observer: EngineObserver | None = None,
+    ):
         self.model = model.eval()
         self.processor = processor
         self.config = config
@@ -193,10 +198,24 @@ class Engine:
         if config.max_seq_len > mc.text.max_positions:
             raise ValueError(f"max_seq_len={config.max_seq_len} is over the model's {mc.text.max_positions} positions")
         S = config.max_slots
-        self.kv = KVCache(mc.text.layers, S, config.max_seq_len, mc.text.kv_heads, mc.text.head_dim,
-                          dtype=self.dtype, device=self.device)  # fmt: skip
-        self.media = MediaKV.empty(len(mc.xattn_layers), S, self.max_media_tokens, mc.xattn.heads, mc.xattn.dim_head,
-                                   dtype=self.dtype, device=self.device)  # fmt: skip
+        self.kv = KVCache(
+            mc.text.layers,
+            S,
+            config.max_seq_len,
+            mc.text.kv_heads,
+            mc.text.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        self.media = MediaKV.empty(
+            len(mc.xattn_layers),
+            S,
+            self.max_media_tokens,
+            mc.xattn.heads,
+            mc.xattn.dim_head,
+            dtype=self.dtype,
+            device=self.device,
+        )
         self.media_len = [0] * S
         self.slot_text_time = torch.zeros(S, dtype=torch.long, device=self.device)  # 1 if the slot has an image
         self.slot_ids = torch.arange(S, device=self.device)
@@ -211,13 +230,27 @@ class Engine:
         self._running = False
         self._graphs = DecodeGraphs(self) if (config.cuda_graphs and self.device.type == "cuda") else None
         self.steps = 0
-        log.info("engine: %d slots x %d tokens, KV %.2f GB, media %.2f GB, %s %s", S, config.max_seq_len,
-                 self.kv.nbytes() / 1e9, self.media.nbytes() / 1e9, self.device, self.dtype)  # fmt: skip
+        log.info(
+            "engine: %d slots x %d tokens, KV %.2f GB, media %.2f GB, %s %s",
+            S,
+            config.max_seq_len,
+            self.kv.nbytes() / 1e9,
+            self.media.nbytes() / 1e9,
+            self.device,
+            self.dtype,
+        )
 
     @classmethod
-    def from_pretrained(cls, checkpoint: str | Path, device: str | None = None, dtype: torch.dtype | None = None,
-                        config: EngineConfig = EngineConfig(), windows: WindowConfig = WindowConfig(),
-                        prompt_format: str | PromptFormat = "vicuna", observer: EngineObserver | None = None) -> "Engine":  # fmt: skip
+    def from_pretrained(
+        cls,
+        checkpoint: str | Path,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        config: EngineConfig = EngineConfig(),
+        windows: WindowConfig = WindowConfig(),
+        prompt_format: str | PromptFormat = "vicuna",
+        observer: EngineObserver | None = None,
+    ) -> Engine:
         from .weights import load_pretrained
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -227,13 +260,19 @@ class Engine:
         return cls(model, processor, config, observer)
 
     # ---- requests ---------------------------------------------------------------------------------------------------
-    def make_request(self, question: str, images: list = (), sampling: SamplingParams = SamplingParams(),
-                     request_id: str | None = None) -> Request:  # fmt: skip
+    def make_request(
+        self,
+        question: str,
+        images: list = (),
+        sampling: SamplingParams = SamplingParams(),
+        request_id: str | None = None,
+    ) -> Request:
         """Question + page images (bytes, PIL images or PageViews) -> Request with the configured prompt form."""
         return self.make_chat_request([ChatMessage("user", list(images) + [question])], sampling, request_id)
 
-    def make_chat_request(self, messages: list[ChatMessage], sampling: SamplingParams = SamplingParams(),
-                          request_id: str | None = None) -> Request:  # fmt: skip
+    def make_chat_request(
+        self, messages: list[ChatMessage], sampling: SamplingParams = SamplingParams(), request_id: str | None = None
+    ) -> Request:
         inputs = self.processor.chat(messages)
         req = Request(prompt_ids=inputs.input_ids[0].tolist(), images=inputs.images, sampling=sampling)
         if request_id:
@@ -246,23 +285,36 @@ class Engine:
         if L == 0:
             raise ValueError("empty prompt")
         if L + new > self.config.max_seq_len:
-            raise ValueError(f"prompt of {L} tokens + max_new_tokens {new} is over the {self.config.max_seq_len}-token "
-                             "context of this engine; shorten the prompt or lower max_tokens")  # fmt: skip
+            raise ValueError(
+                f"prompt of {L} tokens + max_new_tokens {new} is over the {self.config.max_seq_len}-token "
+                "context of this engine; shorten the prompt or lower max_tokens"
+            )
         n_img = sum(1 for t in request.prompt_ids if t == self.model.config.image_token_id)
         if n_img != len(request.images):
             raise ValueError(f"prompt has {n_img} <image> tokens but {len(request.images)} images were given")
         for page in request.images:
-            tokens = page.features.shape[0] if isinstance(page, EncodedImage) else page.n_views * self.model.config.vision.tokens
+            tokens = (
+                page.features.shape[0]
+                if isinstance(page, EncodedImage)
+                else page.n_views * self.model.config.vision.tokens
+            )
             if tokens > self.max_media_tokens:
-                raise ValueError(f"image has {tokens} visual tokens, over this engine's {self.max_media_tokens} "
-                                 f"({self.config.max_views} views); lower max_windows")  # fmt: skip
+                raise ValueError(
+                    f"image has {tokens} visual tokens, over this engine's {self.max_media_tokens} "
+                    f"({self.config.max_views} views); lower max_windows"
+                )
 
     def _new_seq(self, request: Request, sink) -> _Seq:
         self.validate(request)
         s = request.sampling
         stop_ids = frozenset(self.default_stop if s.stop_token_ids is None else s.stop_token_ids)
-        return _Seq(request=request, sink=sink, detok=IncrementalDetokenizer(self.processor.tokenizer, tuple(s.stop), self.byte_ids),
-                    stop_ids=stop_ids, generator=make_generator(s, self.device))  # fmt: skip
+        return _Seq(
+            request=request,
+            sink=sink,
+            detok=IncrementalDetokenizer(self.processor.tokenizer, tuple(s.stop), self.byte_ids),
+            stop_ids=stop_ids,
+            generator=make_generator(s, self.device),
+        )
 
     # ---- synchronous API --------------------------------------------------------------------------------------------
     def generate(self, requests: list[Request]) -> list[Result]:
@@ -500,7 +552,7 @@ class Engine:
         seconds = time.perf_counter() - t0
         self.observer.on_prefill(B, sum(lengths), seconds)
         now = time.perf_counter()
-        for s, tok in zip(seqs, tokens):
+        for s, tok in zip(seqs, tokens, strict=True):
             s.timings.prefill_s = seconds
             s.first_token_at = now
             s.timings.ttft_s = now - s.request.arrival
@@ -517,7 +569,9 @@ class Engine:
             if s.slot < n:
                 tokens[s.slot] = s.tokens[-1]
                 positions[s.slot] = s.position
-        kv_len = min(self.config.max_seq_len, -(-(int(positions.max()) + 1) // self.config.kv_bucket) * self.config.kv_bucket)
+        kv_len = min(
+            self.config.max_seq_len, -(-(int(positions.max()) + 1) // self.config.kv_bucket) * self.config.kv_bucket
+        )
         m = max(self.media_len[:n])
         m = -(-m // self.model.config.vision.tokens) * self.model.config.vision.tokens  # whole views: few graph sizes
         tokens, positions = tokens.to(self.device), positions.to(self.device)
@@ -533,16 +587,26 @@ class Engine:
         rows = [s.slot for s in active]
         sampled = sample_tokens(logits[rows], [s.request.sampling for s in active], [s.generator for s in active])
         self.observer.on_decode_step(len(active), time.perf_counter() - t0)
-        for s, tok in zip(active, sampled):
+        for s, tok in zip(active, sampled, strict=True):
             self._emit(s, tok)
 
-    def decode_forward(self, n: int, kv_len: int, m: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def decode_forward(
+        self, n: int, kv_len: int, m: int, tokens: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         """One token for slots [0, n): device work only, no host syncs, fixed shapes for given (n, kv_len, m)."""
         model = self.model
         self.kv.valid[self.slot_ids[:n], positions] = True
         cos, sin = model.decoder.rope_at(positions[:, None])
-        ctx = SelfAttnContext(cos=cos, sin=sin, mask=self.kv.valid[:n, None, None, :kv_len], fresh=False, cache=self.kv,
-                              slots=self.slot_ids[:n], cols=positions[:, None], kv_len=kv_len)  # fmt: skip
+        ctx = SelfAttnContext(
+            cos=cos,
+            sin=sin,
+            mask=self.kv.valid[:n, None, None, :kv_len],
+            fresh=False,
+            cache=self.kv,
+            slots=self.slot_ids[:n],
+            cols=positions[:, None],
+            kv_len=kv_len,
+        )
         xin = None
         if m > 0:
             text_time = self.slot_text_time[:n, None]
@@ -550,7 +614,7 @@ class Engine:
         h = model.decode_layers(tokens[:, None], ctx, xin)
         return model.decoder.lm_head(h[:, -1]).float()  # (n, vocab)
 
-    # ---- per-token bookkeeping ----------------------------------------------------------------------------------------
+    # ---- per-token bookkeeping ---------------------------------------------------------------------------------------
     def _emit(self, seq: _Seq, token: int) -> None:
         seq.tokens.append(token)
         delta = seq.detok.push(token)
@@ -643,4 +707,3 @@ class DecodeGraphs:
             out = fn()
         log.info("captured decode graph n=%d kv_len=%d media=%d", n, kv_len, m)
         return graph, out
-

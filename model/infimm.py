@@ -28,7 +28,10 @@ class InfiMMHD(nn.Module):
         self.vision = VisionTransformer(config.vision)
         self.decoder = TextDecoder(config.text)
         self.xattn = nn.ModuleDict(
-            {str(i): GatedCrossAttentionBlock(config.text.hidden, config.vis_dim, config.xattn) for i in config.xattn_layers}
+            {
+                str(i): GatedCrossAttentionBlock(config.text.hidden, config.vis_dim, config.xattn)
+                for i in config.xattn_layers
+            }
         )
 
     # ---- vision -------------------------------------------------------------------------------------------------
@@ -62,7 +65,7 @@ class InfiMMHD(nn.Module):
             media = media.reshape(B, I * N, -1)
             key_time = torch.arange(1, I + 1, device=media.device).repeat_interleave(N).expand(B, -1)
         flat = media.to(self.decoder.embed_tokens.weight.dtype)  # (B, M, Dv)
-        ks, vs = zip(*(block.attn.project_media(flat) for block in self.xattn.values()))
+        ks, vs = zip(*(block.attn.project_media(flat) for block in self.xattn.values()), strict=True)
         return MediaKV(k=list(ks), v=list(vs), key_time=key_time)
 
     # ---- decoder ------------------------------------------------------------------------------------------------
@@ -98,7 +101,9 @@ class InfiMMHD(nn.Module):
             text_time = self.text_time(input_ids)
             n_items = int(media_kv.key_time.max()) if media_kv.key_time.numel() else 0
             if int(text_time[:, -1].max()) > n_items:
-                raise ValueError(f"prompt has {int(text_time[:, -1].max())} <image> tokens but only {n_items} media items")
+                raise ValueError(
+                    f"prompt has {int(text_time[:, -1].max())} <image> tokens but only {n_items} media items"
+                )
             xin = CrossAttnInputs.build(media_kv, text_time, flag=text_time[:, -1] > 0)
         return ctx, xin
 
@@ -129,14 +134,17 @@ class InfiMMHD(nn.Module):
     ) -> torch.Tensor:
         """Greedy decoding of a (left-padded) batch -> (B, <= max_new_tokens) new ids.
 
-        As the official `Flamingo.generate` (HF greedy search): stop tokens are kept, a finished row continues with the pad
-        id, generation ends when every row has stopped. stop_token_ids defaults to `<|endofchunk|>` (official default).
+        As the official `Flamingo.generate` (HF greedy search): stop tokens are kept, a finished row continues with the
+        pad id, generation ends when every row has stopped. stop_token_ids defaults to `<|endofchunk|>` (official
+        default).
         Every decode step attends to the last image of the prompt.
         """
         cfg = self.config
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        stop = torch.tensor([cfg.eoc_token_id] if stop_token_ids is None else list(stop_token_ids), device=input_ids.device)
+        stop = torch.tensor(
+            [cfg.eoc_token_id] if stop_token_ids is None else list(stop_token_ids), device=input_ids.device
+        )
         pad = cfg.text.pad_token_id if pad_token_id is None else pad_token_id
         B, L = input_ids.shape
         if not bool(attention_mask[:, -1].all()):
@@ -144,8 +152,15 @@ class InfiMMHD(nn.Module):
         if L + max_new_tokens > cfg.text.max_positions:
             raise ValueError(f"{L} prompt + {max_new_tokens} new tokens is over max_positions={cfg.text.max_positions}")
         dtype = self.decoder.embed_tokens.weight.dtype
-        cache = KVCache(cfg.text.layers, B, L + max_new_tokens, cfg.text.kv_heads, cfg.text.head_dim,
-                        dtype=dtype, device=input_ids.device)  # fmt: skip
+        cache = KVCache(
+            cfg.text.layers,
+            B,
+            L + max_new_tokens,
+            cfg.text.kv_heads,
+            cfg.text.head_dim,
+            dtype=dtype,
+            device=input_ids.device,
+        )
         rows = torch.arange(B, device=input_ids.device)
         cache.valid[:, :L] = attention_mask.bool()
         media_kv = self.project_media(media) if media is not None else None
@@ -172,9 +187,15 @@ class InfiMMHD(nn.Module):
             cache.valid[:, col] = True
             cos, sin = self.decoder.rope_at(positions[:, None])
             ctx = SelfAttnContext(
-                cos=cos, sin=sin, mask=cache.valid[:, None, None, : col + 1], fresh=False, cache=cache,
-                slots=rows, cols=torch.full((B, 1), col, device=input_ids.device), kv_len=col + 1,
-            )  # fmt: skip
+                cos=cos,
+                sin=sin,
+                mask=cache.valid[:, None, None, : col + 1],
+                fresh=False,
+                cache=cache,
+                slots=rows,
+                cols=torch.full((B, 1), col, device=input_ids.device),
+                kv_len=col + 1,
+            )
             h = self.decode_layers(token[:, None], ctx, dec_xin)
             token = self.decoder.lm_head(h[:, -1]).argmax(-1)
             positions = positions + 1

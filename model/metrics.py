@@ -32,34 +32,61 @@ class MetricSpec:
 
 
 CATALOG: tuple[MetricSpec, ...] = (
-    MetricSpec("infimm_pages", "counter", "Batch output rows finished, one per page and prompt (status=ok|error)",
-               ("frontend", "status")),  # fmt: skip
-    MetricSpec("infimm_page_errors", "counter", "Batch rows that became error rows, by error type (online refusals: "
-               "infimm_rejected_requests)", ("frontend", "error_type")),  # fmt: skip
-    MetricSpec("infimm_requests", "counter", "Generation requests finished, by finish reason",
-               ("frontend", "finish_reason")),  # fmt: skip
-    MetricSpec("infimm_rejected_requests", "counter", "Requests refused before generation (4xx/503), by reason",
-               ("frontend", "reason")),  # fmt: skip
+    MetricSpec(
+        "infimm_pages",
+        "counter",
+        "Batch output rows finished, one per page and prompt (status=ok|error)",
+        ("frontend", "status"),
+    ),
+    MetricSpec(
+        "infimm_page_errors",
+        "counter",
+        "Batch rows that became error rows, by error type (online refusals: infimm_rejected_requests)",
+        ("frontend", "error_type"),
+    ),
+    MetricSpec(
+        "infimm_requests", "counter", "Generation requests finished, by finish reason", ("frontend", "finish_reason")
+    ),
+    MetricSpec(
+        "infimm_rejected_requests",
+        "counter",
+        "Requests refused before generation (4xx/503), by reason",
+        ("frontend", "reason"),
+    ),
     MetricSpec("infimm_windows_encoded", "counter", "Views (thumbnails and 448x448 windows) through the ViT"),
     MetricSpec("infimm_prompt_tokens", "counter", "Prompt tokens prefilled"),
     MetricSpec("infimm_generation_tokens", "counter", "Tokens generated"),
     MetricSpec("infimm_feature_cache_hits", "counter", "Images whose ViT features came from the feature cache"),
-    MetricSpec("infimm_request_latency_seconds", "histogram", "Arrival to last token, per request",
-               buckets=LATENCY_BUCKETS),  # fmt: skip
-    MetricSpec("infimm_time_to_first_token_seconds", "histogram", "Arrival to first token, per request",
-               buckets=LATENCY_BUCKETS),  # fmt: skip
-    MetricSpec("infimm_queue_wait_seconds", "histogram", "Arrival to admission into a decode slot",
-               buckets=LATENCY_BUCKETS),  # fmt: skip
+    MetricSpec(
+        "infimm_request_latency_seconds", "histogram", "Arrival to last token, per request", buckets=LATENCY_BUCKETS
+    ),
+    MetricSpec(
+        "infimm_time_to_first_token_seconds",
+        "histogram",
+        "Arrival to first token, per request",
+        buckets=LATENCY_BUCKETS,
+    ),
+    MetricSpec(
+        "infimm_queue_wait_seconds", "histogram", "Arrival to admission into a decode slot", buckets=LATENCY_BUCKETS
+    ),
     MetricSpec("infimm_encode_seconds", "histogram", "ViT time per encode batch", buckets=STEP_BUCKETS),
     MetricSpec("infimm_prefill_seconds", "histogram", "Time per prefill batch", buckets=STEP_BUCKETS),
-    MetricSpec("infimm_decode_step_seconds", "histogram", "Time per decode step (all active slots)", buckets=STEP_BUCKETS),
-    MetricSpec("infimm_batch_size", "histogram", "Items per engine step (stage=encode_views|prefill|decode)",
-               ("frontend", "stage"), BATCH_BUCKETS),  # fmt: skip
+    MetricSpec(
+        "infimm_decode_step_seconds", "histogram", "Time per decode step (all active slots)", buckets=STEP_BUCKETS
+    ),
+    MetricSpec(
+        "infimm_batch_size",
+        "histogram",
+        "Items per engine step (stage=encode_views|prefill|decode)",
+        ("frontend", "stage"),
+        BATCH_BUCKETS,
+    ),
     MetricSpec("infimm_queue_depth", "gauge", "Requests waiting for a decode slot"),
     MetricSpec("infimm_slots_in_use", "gauge", "Engine decode slots holding a sequence"),
     MetricSpec("infimm_ongoing_requests", "gauge", "HTTP requests in flight in this replica"),
-    MetricSpec("infimm_gpu_memory_bytes", "gauge", "GPU memory held by PyTorch (kind=allocated|reserved)",
-               ("frontend", "kind")),  # fmt: skip
+    MetricSpec(
+        "infimm_gpu_memory_bytes", "gauge", "GPU memory held by PyTorch (kind=allocated|reserved)", ("frontend", "kind")
+    ),
 )
 BY_NAME = {m.name: m for m in CATALOG}
 
@@ -89,7 +116,9 @@ class Metrics:
                 elif s.kind == "gauge":
                     self._m[s.name] = rm.Gauge(s.name, description=s.help, tag_keys=s.tags)
                 else:
-                    self._m[s.name] = rm.Histogram(s.name, description=s.help, boundaries=list(s.buckets), tag_keys=s.tags)
+                    self._m[s.name] = rm.Histogram(
+                        s.name, description=s.help, boundaries=list(s.buckets), tag_keys=s.tags
+                    )
         elif backend == "prometheus":
             import prometheus_client as pc
 

@@ -34,7 +34,7 @@ class PromptFormat:
     end_of_turn: str = EOC_TOKEN  # after each earlier assistant answer
 
     @classmethod
-    def named(cls, name: str) -> "PromptFormat":
+    def named(cls, name: str) -> PromptFormat:
         forms = {"vicuna": cls(), "vicuna-hf": cls(system="", image=EOC_TOKEN + IMAGE_TOKEN)}
         if name not in forms:
             raise ValueError(f"unknown prompt format {name!r}; choose one of {sorted(forms)}")
@@ -61,8 +61,13 @@ class Inputs:
 
 
 class Processor:
-    def __init__(self, tokenizer, config: InfiMMHDConfig, windows: WindowConfig = WindowConfig(),
-                 prompt: PromptFormat = PromptFormat()):  # fmt: skip
+    def __init__(
+        self,
+        tokenizer,
+        config: InfiMMHDConfig,
+        windows: WindowConfig = WindowConfig(),
+        prompt: PromptFormat = PromptFormat(),
+    ):
         self.tokenizer = tokenizer
         self.config = config
         self.windows = windows
@@ -73,11 +78,13 @@ class Processor:
                 raise ValueError(f"tokenizer maps {token} to {got} but the model config expects {expected}")
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, windows: WindowConfig = WindowConfig(), prompt: str | PromptFormat = "vicuna"):
+    def from_pretrained(
+        cls, path: str | Path, windows: WindowConfig = WindowConfig(), prompt: str | PromptFormat = "vicuna"
+    ):
         prompt = PromptFormat.named(prompt) if isinstance(prompt, str) else prompt
         return cls(load_tokenizer(path), InfiMMHDConfig.from_pretrained(path), windows, prompt)
 
-    # ---- text ---------------------------------------------------------------------------------------------------------
+    # ---- text --------------------------------------------------------------------------------------------------------
     @property
     def stop_token_ids(self) -> list[int]:
         """Generation stops at `<|endofchunk|>` (official default) or `</s>` (the LM's eos)."""
@@ -131,7 +138,7 @@ class Processor:
         enc = tok(text, add_special_tokens=True, return_offsets_mapping=True)
         special = set(tok.all_special_ids) | {self.config.image_token_id, self.config.eoc_token_id}
         ids = []
-        for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+        for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
             if i in special and b > a and any(s <= a and b <= e for s, e in untrusted):
                 ids += tok(text[a:b], add_special_tokens=False, split_special_tokens=True)["input_ids"]
             else:
@@ -159,10 +166,14 @@ class Processor:
             mask[i, span] = 1
         return ids, mask
 
-    # ---- text + images ------------------------------------------------------------------------------------------------
+    # ---- text + images -----------------------------------------------------------------------------------------------
     def chat(self, messages: list[ChatMessage]) -> Inputs:
-        images = [x if isinstance(x, PageViews) else prepare_image(x, self.windows)
-                  for m in messages for x in m.parts if not isinstance(x, str)]  # fmt: skip
+        images = [
+            x if isinstance(x, PageViews) else prepare_image(x, self.windows)
+            for m in messages
+            for x in m.parts
+            if not isinstance(x, str)
+        ]
         ids = self.encode_prompt(*self._render(messages))
         n_placeholders = ids.count(self.config.image_token_id)
         assert n_placeholders == len(images), f"{n_placeholders} {IMAGE_TOKEN} tokens for {len(images)} images"

@@ -64,7 +64,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
     """logits (B, V) float32 -> one token per row (greedy rows batched, sampled rows with their own generator)."""
     tokens = logits.argmax(-1)
-    for row, (p, g) in enumerate(zip(params, generators)):
+    for row, (p, g) in enumerate(zip(params, generators, strict=True)):
         if not p.greedy:
             probs = filter_logits(logits[row], p).softmax(-1)
             tokens[row] = torch.multinomial(probs, 1, generator=g)[0]
@@ -76,7 +76,7 @@ def byte_token_ids(tokenizer) -> frozenset[int]:
     names = [f"<0x{b:02X}>" for b in range(256)]
     ids = tokenizer.convert_tokens_to_ids(names)
     unk = getattr(tokenizer, "unk_token_id", None)
-    return frozenset(i for i, name in zip(ids, names) if i is not None and i != unk)
+    return frozenset(i for i, name in zip(ids, names, strict=True) if i is not None and i != unk)
 
 
 @dataclass

@@ -33,7 +33,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_table(cfg: TextConfig, device=None) -> torch.Tensor:
-    """(max_positions, Dh) table [cos | sin], each half (max_positions, Dh/2), computed in float32 as in transformers."""
+    """(max_positions, Dh) table [cos | sin], each half (max_positions, Dh/2), in float32 as in transformers."""
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     freqs = torch.arange(cfg.max_positions, device=device).float()[:, None] * inv_freq[None, :]  # (P, Dh/2)

@@ -38,7 +38,9 @@ def build_tiny_tokenizer(base_vocab: int = 510):
     n_bytes = 256
     n_learned = base_vocab - len(SPECIALS) - n_bytes
     if n_learned < 64:
-        raise ValueError(f"base_vocab={base_vocab} leaves no room for learned tokens (need >= {len(SPECIALS) + 256 + 64})")
+        raise ValueError(
+            f"base_vocab={base_vocab} leaves no room for learned tokens (need >= {len(SPECIALS) + 256 + 64})"
+        )
     pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
 
     # 1. learn merges on the corpus (deterministic for a fixed corpus)
@@ -66,7 +68,9 @@ def build_tiny_tokenizer(base_vocab: int = 510):
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     tok.add_special_tokens(list(SPECIALS) + [EOC_TOKEN, IMAGE_TOKEN])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
     assert tok.token_to_id(EOC_TOKEN) == base_vocab and tok.token_to_id(IMAGE_TOKEN) == base_vocab + 1
     return tok
 

@@ -6,8 +6,8 @@ What makes this EVA variant different from a textbook ViT:
 * post-norm blocks: `x = x + norm1(attn(x))`, the LayerNorm is applied to the branch output, not its input;
 * the qkv projection has no bias of its own; q and v get separate biases, k gets none;
 * exact (erf) GELU; no layer scale, no rope, no relative position bias;
-* the features are the LAST block's output with CLS, without the final `norm` and `head` (they exist in the checkpoint and
-  are loaded, but are unused on the feature path).
+* the features are the LAST block's output with CLS, without the final `norm` and `head` (they exist in the checkpoint
+  and are loaded, but are unused on the feature path).
 """
 
 from __future__ import annotations

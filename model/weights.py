@@ -29,13 +29,23 @@ from .infimm import InfiMMHD
 
 LM = "model.lang_encoder."
 VISION = "model.vision_encoder."
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json")  # fmt: skip
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
 _ALIASES = (
-    (re.compile(r"^model\.lang_encoder\.old_decoder_blocks\.(\d+)\."), r"model.lang_encoder.model.layers.\1.decoder_layer."),
-    (re.compile(r"^model\.lang_encoder\.gated_cross_attn_layers\.(\d+)\."),
-     r"model.lang_encoder.model.layers.\1.gated_cross_attn_layer."),
-)  # fmt: skip
+    (
+        re.compile(r"^model\.lang_encoder\.old_decoder_blocks\.(\d+)\."),
+        r"model.lang_encoder.model.layers.\1.decoder_layer.",
+    ),
+    (
+        re.compile(r"^model\.lang_encoder\.gated_cross_attn_layers\.(\d+)\."),
+        r"model.lang_encoder.model.layers.\1.gated_cross_attn_layer.",
+    ),
+)
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
 
 
@@ -43,7 +53,7 @@ class CheckpointError(RuntimeError):
     pass
 
 
-# ---- key plan: internal parameter -> official keys (concatenated along dim 0) ------------------------------------------
+# ---- key plan: internal parameter -> official keys (concatenated along dim 0) ----------------------------------------
 def key_plan(cfg: InfiMMHDConfig) -> dict[str, list[str]]:
     plan: dict[str, list[str]] = {}
     with torch.device("meta"):
@@ -146,8 +156,11 @@ class LoadReport:
             more = f"\n    ... and {len(items) - 20} more" if len(items) > 20 else ""
             return f"  {title} ({len(items)}):\n{shown}{more}" if items else ""
 
-        parts = [block("missing from the checkpoint", self.missing), block("unexpected in the checkpoint", self.unexpected),
-                 block("shape mismatches", self.mismatched)]  # fmt: skip
+        parts = [
+            block("missing from the checkpoint", self.missing),
+            block("unexpected in the checkpoint", self.unexpected),
+            block("shape mismatches", self.mismatched),
+        ]
         head = "checkpoint matches the model" if self.ok else "checkpoint does not match the model config"
         tail = f"  ({self.aliases_skipped} alias keys skipped, {self.ignored} ignored buffers)"
         return "\n".join([head, *[p for p in parts if p], tail])
@@ -170,7 +183,7 @@ def resolve_sources(reader: CheckpointReader) -> tuple[dict[str, str], LoadRepor
     return stored, report
 
 
-# ---- loading ------------------------------------------------------------------------------------------------------------
+# ---- loading ---------------------------------------------------------------------------------------------------------
 def load_pretrained(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", strict: bool = True
 ) -> InfiMMHD:
@@ -218,15 +231,20 @@ def official_state_dict(model: InfiMMHD, aliases: bool = False) -> dict[str, tor
             out[sources[0]] = t
             continue
         sizes = _split_sizes(name, cfg)
-        for src, part in zip(sources, t.split(sizes, dim=0)):
+        for src, part in zip(sources, t.split(sizes, dim=0), strict=True):
             out[src] = part
     if aliases:
         for key in list(out):
             for pattern, alias in (
-                (re.compile(r"^model\.lang_encoder\.model\.layers\.(\d+)\.decoder_layer\."), r"model.lang_encoder.old_decoder_blocks.\1."),
-                (re.compile(r"^model\.lang_encoder\.model\.layers\.(\d+)\.gated_cross_attn_layer\."),
-                 r"model.lang_encoder.gated_cross_attn_layers.\1."),
-            ):  # fmt: skip
+                (
+                    re.compile(r"^model\.lang_encoder\.model\.layers\.(\d+)\.decoder_layer\."),
+                    r"model.lang_encoder.old_decoder_blocks.\1.",
+                ),
+                (
+                    re.compile(r"^model\.lang_encoder\.model\.layers\.(\d+)\.gated_cross_attn_layer\."),
+                    r"model.lang_encoder.gated_cross_attn_layers.\1.",
+                ),
+            ):
                 if pattern.match(key):
                     out[pattern.sub(alias, key)] = out[key].clone()
     return out
@@ -242,7 +260,7 @@ def _split_sizes(name: str, cfg: InfiMMHDConfig) -> list[int]:
 
 
 def save_sharded(state: dict[str, torch.Tensor], folder: Path, shard_bytes: int, dtype: torch.dtype | None) -> int:
-    """Write `state` as safetensors shards of about shard_bytes (+ index when more than one); returns the shard count."""
+    """Write `state` as safetensors shards of about shard_bytes (+ index when more than one); returns the count."""
     from safetensors.torch import save_file
 
     shards: list[list[str]] = [[]]
@@ -254,11 +272,13 @@ def save_sharded(state: dict[str, torch.Tensor], folder: Path, shard_bytes: int,
             size = 0
         shards[-1].append(key)
         size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
-    ]  # fmt: skip
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     weight_map = {}
-    for name, keys in zip(names, shards):
+    for name, keys in zip(names, shards, strict=True):
         # contiguous copies: checkpoint tensors may be views into one mmapped storage, which safetensors refuses
         chunk = {k: state[k].to(dtype or state[k].dtype).contiguous().clone() for k in keys}
         save_file(chunk, str(folder / name), metadata={"format": "pt"})
@@ -282,7 +302,9 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copy2(folder / name, target / name)
 
 
-def convert_checkpoint(src: str | Path, dst: str | Path, shard_gb: float = 5.0, dtype: torch.dtype | None = None) -> LoadReport:
+def convert_checkpoint(
+    src: str | Path, dst: str | Path, shard_gb: float = 5.0, dtype: torch.dtype | None = None
+) -> LoadReport:
     """Official checkpoint (pickle or safetensors, aliases or not) -> sharded safetensors with canonical official keys,
     config.json and tokenizer. Tensors are streamed shard by shard; the source stays memory-mapped."""
     src, dst = Path(src), Path(dst)

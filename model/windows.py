@@ -6,7 +6,8 @@ Rule (paper §3.2 "dynamic resolution"; the official processor is unreadable, sp
 3. if rows*cols > max_windows or a side of the resized page would exceed max_side, the page is scaled down, aspect ratio
    kept, to the largest scale whose grid fits;
 4. resize to (cols*448, rows*448) bicubic and cut row-major;
-5. thumbnail = the page padded to a square with the CLIP mean colour, resized to 448 (`thumbnail="squash"` skips the pad);
+5. thumbnail = the page padded to a square with the CLIP mean colour, resized to 448 (`thumbnail="squash"` skips
+   the pad);
 6. views = [thumbnail, windows row-major] as uint8 (V, 3, 448, 448); `normalize_views` applies the CLIP mean/std.
 
 The 2-D sinusoidal window encoding `[table(col) | table(row)]` is added after the ViT (`InfiMMHD.build_media`).
@@ -138,7 +139,7 @@ def load_image(data: bytes | Image.Image, cfg: WindowConfig = WindowConfig()) ->
     return to_rgb(img, cfg)
 
 
-# ---- grid and views ---------------------------------------------------------------------------------------------------
+# ---- grid and views --------------------------------------------------------------------------------------------------
 def choose_grid(width: int, height: int, cfg: WindowConfig = WindowConfig()) -> tuple[int, int]:
     """(rows, cols) for a page of width x height pixels, following the rule in the module docstring."""
     win = cfg.window

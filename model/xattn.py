@@ -2,8 +2,9 @@
 
 Legend: B batch rows, T text tokens, M media tokens, D decoder width, Dv visual width, Hx heads, dx head width.
 
-Semantics pinned by the golden vectors (../shared/golden/README.md §7):
-* text_time of a token = number of `<image>` tokens at or before it; it attends to all keys of media item text_time only;
+Semantics pinned by the golden vectors (tests/data/golden/README.md §7):
+* text_time of a token = number of `<image>` tokens at or before it; it attends to all keys of media item text_time
+  only;
 * tokens with text_time 0 (before any `<image>`) get exactly zero attention output, but still go through the FF branch;
 * a row with no `<image>` at all skips both branches (the block is an exact identity for it);
 * queries are layer-normed, media keys/values are not; tanh element-wise gates on both branches.
@@ -31,7 +32,7 @@ class CrossAttnInputs:
     flag: torch.Tensor  # (B, 1, 1) bool, rows with at least one <image>
 
     @classmethod
-    def build(cls, media: MediaKV, text_time: torch.Tensor, flag: torch.Tensor) -> "CrossAttnInputs":
+    def build(cls, media: MediaKV, text_time: torch.Tensor, flag: torch.Tensor) -> CrossAttnInputs:
         """text_time (B, T) running image count; flag (B,) rows that have media."""
         attends = text_time > 0  # (B, T)
         mask = media.key_time[:, None, None, :] == text_time[:, None, :, None]  # (B, 1, T, M)

@@ -31,12 +31,27 @@ def _pair(text: str) -> tuple[int, int]:
 
 # (flag, argparse kwargs): shared by `run` and `submit`, and replayed by `submit` as the job's command line.
 RUN_OPTIONS: list[tuple[str, dict]] = [
-    ("--input", dict(dest="inputs", action="append", required=True, metavar="URI",
-                     help="s3://bucket/prefix/, a local folder, a glob, or a manifest (.jsonl/.csv/.parquet with uri, "
-                          "optional prompt and id); repeatable")),
+    (
+        "--input",
+        dict(
+            dest="inputs",
+            action="append",
+            required=True,
+            metavar="URI",
+            help="s3://bucket/prefix/, a local folder, a glob, or a manifest (.jsonl/.csv/.parquet with uri, "
+            "optional prompt and id); repeatable",
+        ),
+    ),
     ("--output", dict(required=True, metavar="URI", help="output folder, local or s3://bucket/prefix/")),
-    ("--prompt", dict(dest="prompts", action="append", metavar="TEXT",
-                      help="question asked of every page; repeatable (one row per page and prompt)")),
+    (
+        "--prompt",
+        dict(
+            dest="prompts",
+            action="append",
+            metavar="TEXT",
+            help="question asked of every page; repeatable (one row per page and prompt)",
+        ),
+    ),
     ("--prompts-file", dict(metavar="FILE", help="one prompt per non-empty line")),
     ("--checkpoint", dict(metavar="DIR", help="official-layout checkpoint folder (default: tiny RANDOM weights)")),
     ("--max-new-tokens", dict(type=int, default=512)),
@@ -44,9 +59,15 @@ RUN_OPTIONS: list[tuple[str, dict]] = [
     ("--max-pages", dict(type=int, default=1000, help="pages per document; later ones become page_limit rows")),
     ("--max-windows", dict(type=int, default=16, help="cap on 448x448 windows per page")),
     ("--actors", dict(type=_pair, default=(1, 1), metavar="MIN,MAX", help="engine actor pool size (autoscaling)")),
-    ("--gpus-per-actor", dict(type=float, default=None,
-                              help="default: 1 if the cluster has GPUs now, else 0 (engine on CPU); give it on "
-                                   "autoscaling clusters whose GPU nodes may be scaled to 0")),
+    (
+        "--gpus-per-actor",
+        dict(
+            type=float,
+            default=None,
+            help="default: 1 if the cluster has GPUs now, else 0 (engine on CPU); give it on "
+            "autoscaling clusters whose GPU nodes may be scaled to 0",
+        ),
+    ),
     ("--cpus-per-actor", dict(type=float, default=1.0)),
     ("--batch-size", dict(type=int, default=16, help="pages per engine call (they share GPU steps)")),
     ("--max-slots", dict(type=int, default=16, help="sequences the engine decodes together")),
@@ -57,7 +78,7 @@ RUN_OPTIONS: list[tuple[str, dict]] = [
     ("--rows-per-file", dict(type=int, default=5000)),
     ("--flush-seconds", dict(type=float, default=60.0, help="write a part at least this often")),
     ("--ray-progress", dict(action="store_true", help="also show Ray Data's per-stage progress bars")),
-]  # fmt: skip
+]
 LOCAL_ONLY = ("--prompts-file",)  # submit sends these differently
 
 
@@ -191,7 +212,9 @@ def cmd_stop(args) -> int:
 def add_commands(subparsers) -> None:
     batch = subparsers.add_parser("batch", help="document batch jobs on Ray Data (object storage in, Parquet out)")
     sub = batch.add_subparsers(dest="batch_command", required=True)
-    default_address = os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    default_address = (
+        os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    )
 
     p = sub.add_parser("run", help="run a batch job with Ray on this machine (or the cluster at --ray-address)")
     add_run_options(p)
@@ -203,16 +226,23 @@ def add_commands(subparsers) -> None:
     p = sub.add_parser("submit", help="submit the same job to a Ray cluster (Ray Jobs API)")
     add_run_options(p)
     p.add_argument("--address", default=default_address, help="Ray dashboard address, http://HEAD:8265")
-    p.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
-                   help="environment variable for the job (KEY alone copies this shell's value); repeatable")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY[=VALUE]",
+        help="environment variable for the job (KEY alone copies this shell's value); repeatable",
+    )
     p.add_argument("--submission-id", help="job id to use (default: generated)")
     p.add_argument("--wait", action="store_true", help="wait for the job to finish, print its logs, exit 0 on success")
     p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
     p.set_defaults(func=cmd_submit)
 
-    for name, func, text in (("status", cmd_status, "status of a submitted job"),
-                             ("logs", cmd_logs, "logs of a submitted job"),
-                             ("stop", cmd_stop, "stop a submitted job")):  # fmt: skip
+    for name, func, text in (
+        ("status", cmd_status, "status of a submitted job"),
+        ("logs", cmd_logs, "logs of a submitted job"),
+        ("stop", cmd_stop, "stop a submitted job"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("job_id")
         p.add_argument("--address", default=default_address, help="Ray dashboard address, http://HEAD:8265")

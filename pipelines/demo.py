@@ -66,8 +66,22 @@ def main() -> int:
         os.environ.update(s3.env())  # the standard AWS variables: everything below finds the bucket through them
         keys = upload_documents(s3)
         print(f"\nSeaweedFS S3 on {s3.endpoint}; uploaded {len(keys)} documents to s3://{BUCKET}/scans/\n", flush=True)
-        argv = ["batch", "run", "--input", f"s3://{BUCKET}/scans/", "--output", f"s3://{BUCKET}/results/",
-                "--prompt", PROMPT, "--checkpoint", str(checkpoint), "--max-new-tokens", "12", "--batch-size", "4"]
+        argv = [
+            "batch",
+            "run",
+            "--input",
+            f"s3://{BUCKET}/scans/",
+            "--output",
+            f"s3://{BUCKET}/results/",
+            "--prompt",
+            PROMPT,
+            "--checkpoint",
+            str(checkpoint),
+            "--max-new-tokens",
+            "12",
+            "--batch-size",
+            "4",
+        ]
         print("$ infimm-hd " + " ".join(a if " " not in a else repr(a) for a in argv) + "\n", flush=True)
         rc = cli(argv)
         if rc:
@@ -76,8 +90,10 @@ def main() -> int:
         import ray
 
         ray.shutdown()
-    print(f"\ndemo finished in {time.monotonic() - t0:.0f}s; the text is noise because the weights are random",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"\ndemo finished in {time.monotonic() - t0:.0f}s; the text is noise because the weights are random",
+        file=sys.stderr,
+    )
     return 0
 
 

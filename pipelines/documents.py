@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import pyarrow as pa
 from PIL import Image
@@ -162,7 +162,7 @@ class DecodePages:
         try:
             data = self.storage.read(uri, max_bytes=self.config.max_bytes)
             doc = open_document(data, uri, self.config)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a document that fails becomes typed error rows, never a crash
             kind, message = classify(e)
             # A prompt with any page of this document already written is finished for it (the object may have been
             # deleted or replaced since): a page-0 row now would answer it twice.
@@ -177,18 +177,29 @@ class DecodePages:
                 if not ps:
                     continue
                 if i > self.config.max_pages:
-                    yield error(i, "page_limit", f"page {i} of {doc.n_pages} is beyond --max-pages "
-                                f"{self.config.max_pages}", ps)  # fmt: skip
+                    yield error(
+                        i, "page_limit", f"page {i} of {doc.n_pages} is beyond --max-pages {self.config.max_pages}", ps
+                    )
                     continue
                 try:
                     views = cut_views(doc.page(i - 1), self.config.windows)
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 - one bad page is one error row; the rest go on
                     yield error(i, *classify(e), ps)
                     continue
-                yield {**base, "page": i, "prompts": ps, "views": views.views.numpy().tobytes(),
-                       "n_views": views.n_views, "window": views.views.shape[-1], "width": views.width,
-                       "height": views.height, "grid_rows": views.rows, "grid_cols": views.cols,
-                       "error_type": None, "error_message": None}  # fmt: skip
+                yield {
+                    **base,
+                    "page": i,
+                    "prompts": ps,
+                    "views": views.views.numpy().tobytes(),
+                    "n_views": views.n_views,
+                    "window": views.views.shape[-1],
+                    "width": views.width,
+                    "height": views.height,
+                    "grid_rows": views.rows,
+                    "grid_cols": views.cols,
+                    "error_type": None,
+                    "error_message": None,
+                }
         finally:
             doc.close()
 

@@ -63,9 +63,15 @@ class GenerateStage:
         out: list[dict] = []
         pending: list[tuple[Request, dict]] = []  # requests to run and the row each one fills
         for page in batch.to_pylist():
-            base = {"source_uri": page["source_uri"], "page": page["page"], "model": self.model_name,
-                    "width": page["width"], "height": page["height"], "grid_rows": page["grid_rows"],
-                    "grid_cols": page["grid_cols"]}  # fmt: skip
+            base = {
+                "source_uri": page["source_uri"],
+                "page": page["page"],
+                "model": self.model_name,
+                "width": page["width"],
+                "height": page["height"],
+                "grid_rows": page["grid_rows"],
+                "grid_cols": page["grid_cols"],
+            }
             rows = [{**base, "id": row_id(page["doc"], page["page"], p), "prompt": p} for p in page["prompts"]]
             if page["error_type"]:
                 out += [{**r, "error_type": page["error_type"], "error_message": page["error_message"]} for r in rows]
@@ -74,8 +80,14 @@ class GenerateStage:
             views = torch.frombuffer(bytearray(page["views"]), dtype=torch.uint8).view(page["n_views"], 3, w, w)
             # The feature-cache key: a page of a document is unique within a job, and hashing ~3-10 MB of views per
             # page in this (GPU-feeding) process would cost more than the cache ever saves here.
-            pv = PageViews(views=views, rows=page["grid_rows"], cols=page["grid_cols"], width=page["width"],
-                           height=page["height"], key=f"{page['doc']}#{page['page']}")  # fmt: skip
+            pv = PageViews(
+                views=views,
+                rows=page["grid_rows"],
+                cols=page["grid_cols"],
+                width=page["width"],
+                height=page["height"],
+                key=f"{page['doc']}#{page['page']}",
+            )
             for r in rows:
                 try:
                     req = self.engine.make_request(r["prompt"], [pv], self.sampling)
@@ -106,7 +118,7 @@ class GenerateStage:
         for req in requests:
             try:
                 results.append(self.engine.generate([req])[0])
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - the request becomes a generation_error row
                 log.warning("request failed alone too: %s", e)
                 results.append(e)
         return results

@@ -26,10 +26,10 @@ import sys
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -38,12 +38,13 @@ import pyarrow.parquet as pq
 from .documents import DecodeConfig, DecodePages
 from .generate import GenerateConfig, GenerateStage
 from .rows import OUTPUT_SCHEMA, doc_key, prompt_key, split_row_id
-from .storage import SINGLE_PAGE_SUFFIXES, S3Settings, Storage, suffix, list_sources
+from .storage import SINGLE_PAGE_SUFFIXES, S3Settings, Storage, list_sources, suffix
 
 log = logging.getLogger(__name__)
 
-SOURCE_SCHEMA = pa.schema([("uri", pa.string()), ("doc", pa.string()), ("prompts", pa.list_(pa.string())),
-                           ("done", pa.list_(pa.string()))])  # fmt: skip
+SOURCE_SCHEMA = pa.schema(
+    [("uri", pa.string()), ("doc", pa.string()), ("prompts", pa.list_(pa.string())), ("done", pa.list_(pa.string()))]
+)
 # settings that change what a row contains: a resumed run with other values mixes two kinds of rows
 RESULT_SETTINGS = ("checkpoint", "max_new_tokens", "max_windows", "dpi")
 
@@ -90,8 +91,13 @@ class JobConfig:
 def output_parts(fs: pafs.FileSystem, path: str) -> list[str]:
     """The Parquet parts of an output folder (not `_`/`.` files, not the 0-byte folder markers S3 writers leave)."""
     infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True))
-    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-                  and not os.path.basename(i.path).startswith(("_", ".")))  # fmt: skip
+    return sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and i.path.endswith(".parquet")
+        and not os.path.basename(i.path).startswith(("_", "."))
+    )
 
 
 def read_done_ids(fs: pafs.FileSystem, path: str) -> set[str]:
@@ -101,7 +107,8 @@ def read_done_ids(fs: pafs.FileSystem, path: str) -> set[str]:
     for part in output_parts(fs, path):
         try:
             done.update(pq.read_table(part, columns=["id"], filesystem=fs).column("id").to_pylist())
-        except Exception as e:
+        except pa.ArrowInvalid as e:  # not Parquet (truncated, empty); a storage error (OSError) is raised, never
+            # taken for a corrupt part: good output must not be moved aside because S3 hiccupped
             aside = f"{path.rstrip('/')}/_incomplete"
             log.warning("unreadable part %s (%s): moved to %s/; its rows will be redone", part, e, aside)
             if isinstance(fs, pafs.LocalFileSystem):
@@ -121,8 +128,9 @@ def group_sources(sources, prompts: tuple[str, ...]) -> dict[tuple[str, str], li
             raise ValueError(f"manifest id {doc!r} names two documents: {uri_of[doc]} and {s.uri}; ids must be unique")
         ps = [s.prompt] if s.prompt else list(prompts)
         if not ps:
-            raise ValueError(f"no prompt for {s.uri}: pass --prompt or --prompts-file, or add a prompt column to the "
-                             "manifest")  # fmt: skip
+            raise ValueError(
+                f"no prompt for {s.uri}: pass --prompt or --prompts-file, or add a prompt column to the manifest"
+            )
         bucket = groups.setdefault((doc, s.uri), [])
         bucket += [p for p in ps if p not in bucket]
     return groups
@@ -157,7 +165,7 @@ class PartWriter:
         self.fs, self.path = fs, path.rstrip("/")
         self.seen = seen
         self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
-        self.run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+        self.run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
         self.local = isinstance(fs, pafs.LocalFileSystem)
         self.buffer: list[pa.Table] = []
         self.buffered = 0
@@ -221,7 +229,9 @@ class Progress:
         if not table.num_rows:
             return
         cols = table.select(["source_uri", "page", "completion_tokens", "error_type"]).to_pydict()
-        pages = len(set(zip(cols["source_uri"], cols["page"])))  # all prompts of a page come in the same table
+        pages = len(
+            set(zip(cols["source_uri"], cols["page"], strict=True))
+        )  # all prompts of a page come in the same table
         self.rows += table.num_rows
         self.pages += pages
         self.tokens += sum(t or 0 for t in cols["completion_tokens"])
@@ -234,8 +244,15 @@ class Progress:
             self.bar.set_postfix(rows=self.rows, errors=self.errors, tok_s=f"{self.tokens / max(elapsed, 1e-9):.1f}")
         elif self.enabled and now - self._logged >= self.log_every_s:
             self._logged = now
-            log.info("progress: %d pages, %d rows (%d errors) in %.0fs: %.2f pages/s, %.1f tokens/s", self.pages,
-                     self.rows, self.errors, elapsed, self.pages / elapsed, self.tokens / elapsed)  # fmt: skip
+            log.info(
+                "progress: %d pages, %d rows (%d errors) in %.0fs: %.2f pages/s, %.1f tokens/s",
+                self.pages,
+                self.rows,
+                self.errors,
+                elapsed,
+                self.pages / elapsed,
+                self.tokens / elapsed,
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -270,13 +287,24 @@ def resolve_resources(config: JobConfig) -> JobConfig:
         log.info("--gpus-per-actor not given: %s (the cluster has %s GPUs now)", gpus, res.get("GPU", 0))
     lo = config.actors[0]
     if gpus > 0 and res.get("GPU", 0) < gpus * lo:
-        log.warning("%d engine actor(s) x %s GPUs need %s GPUs; the cluster has %s now: waiting for the autoscaler",
-                    lo, gpus, gpus * lo, res.get("GPU", 0))  # fmt: skip
+        log.warning(
+            "%d engine actor(s) x %s GPUs need %s GPUs; the cluster has %s now: waiting for the autoscaler",
+            lo,
+            gpus,
+            gpus * lo,
+            res.get("GPU", 0),
+        )
     need = config.cpus_per_actor * lo + config.decode_cpus
     if res.get("CPU", 0) < need:
-        log.warning("%d engine actor(s) x %s CPUs + %s CPUs for decoding need %s CPUs; the cluster has %s now: the job "
-                    "waits for more (or lower --actors MIN / --cpus-per-actor)", lo, config.cpus_per_actor,
-                    config.decode_cpus, need, res.get("CPU", 0))  # fmt: skip
+        log.warning(
+            "%d engine actor(s) x %s CPUs + %s CPUs for decoding need %s CPUs; the cluster has %s now: the job "
+            "waits for more (or lower --actors MIN / --cpus-per-actor)",
+            lo,
+            config.cpus_per_actor,
+            config.decode_cpus,
+            need,
+            res.get("CPU", 0),
+        )
     threads = config.torch_threads or (max(1, int(config.cpus_per_actor)) if gpus == 0 else None)
     return replace(config, gpus_per_actor=gpus, torch_threads=threads)
 
@@ -294,8 +322,9 @@ def build_dataset(records: list[dict], config: JobConfig, storage: Storage, gene
     decode = DecodePages(storage, DecodeConfig(windows=_windows(config), dpi=config.dpi, max_pages=config.max_pages))
     return (
         ray.data.from_arrow(blocks)
-        .map_batches(decode, batch_size=1, batch_format="pyarrow", num_cpus=config.decode_cpus,
-                     memory=config.decode_memory)
+        .map_batches(
+            decode, batch_size=1, batch_format="pyarrow", num_cpus=config.decode_cpus, memory=config.decode_memory
+        )
         .map_batches(
             GenerateStage,
             fn_constructor_args=(generate,),
@@ -322,8 +351,13 @@ def _windows(config: JobConfig):
     return WindowConfig(max_windows=config.max_windows)
 
 
-def run_job(config: JobConfig, progress: bool = True, on_batch: Callable[[pa.Table], None] | None = None,
-            sources: list | None = None, ray_address: str | None = None) -> dict:
+def run_job(
+    config: JobConfig,
+    progress: bool = True,
+    on_batch: Callable[[pa.Table], None] | None = None,
+    sources: list | None = None,
+    ray_address: str | None = None,
+) -> dict:
     """Run the job to completion; returns the summary (also written to `_summary.json` and `_summary.png`).
     `on_batch` sees every table of new rows after it is buffered; `sources` replaces listing `config.inputs`
     (both for tests: interrupting a run, deleting an object between listing and reading)."""
@@ -333,7 +367,7 @@ def run_job(config: JobConfig, progress: bool = True, on_batch: Callable[[pa.Tab
 
     if not config.checkpoint:
         raise ValueError("JobConfig.checkpoint is required (the CLI defaults to the tiny random checkpoint)")
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     storage = Storage(config.s3)
     fs, out = storage.resolve(config.output)
     out = out.rstrip("/")
@@ -353,16 +387,26 @@ def run_job(config: JobConfig, progress: bool = True, on_batch: Callable[[pa.Tab
     _check_settings(fs, out, config)
     done = read_done_ids(fs, out)
     records, skipped_docs = plan_sources(sources, config.prompts, done)
-    log.info("%d documents listed; %d rows already in %s; %d documents complete, %d to process",
-             len(sources), len(done), config.output, skipped_docs, len(records))  # fmt: skip
+    log.info(
+        "%d documents listed; %d rows already in %s; %d documents complete, %d to process",
+        len(sources),
+        len(done),
+        config.output,
+        skipped_docs,
+        len(records),
+    )
 
     if records:  # (nothing left to do needs no Ray)
         ensure_ray(ray_address)
         config = resolve_resources(config)
-    generate = GenerateConfig(checkpoint=str(config.checkpoint), max_new_tokens=config.max_new_tokens,
-                              max_windows=config.max_windows, max_slots=config.max_slots,
-                              device="cpu" if config.gpus_per_actor == 0 else None,
-                              torch_threads=config.torch_threads)  # fmt: skip
+    generate = GenerateConfig(
+        checkpoint=str(config.checkpoint),
+        max_new_tokens=config.max_new_tokens,
+        max_windows=config.max_windows,
+        max_slots=config.max_slots,
+        device="cpu" if config.gpus_per_actor == 0 else None,
+        torch_threads=config.torch_threads,
+    )
     writer = PartWriter(fs, out, set(done), config.rows_per_file, config.flush_seconds)
     bar = Progress(enabled=progress)
     t0 = time.monotonic()
@@ -398,8 +442,14 @@ def run_job(config: JobConfig, progress: bool = True, on_batch: Callable[[pa.Tab
         "batch_size": config.batch_size,
         "timeline": bar.timeline,
     }
-    summary = summarize(fs, out, config.output, run, model=Path(config.checkpoint).name,
-                        random_weights=is_random_checkpoint(config.checkpoint))
+    summary = summarize(
+        fs,
+        out,
+        config.output,
+        run,
+        model=Path(config.checkpoint).name,
+        random_weights=is_random_checkpoint(config.checkpoint),
+    )
     write_summary(fs, out, summary)
     return summary
 
@@ -416,7 +466,11 @@ def _check_settings(fs: pafs.FileSystem, out: str, config: JobConfig) -> None:
     if before and output_parts(fs, out):
         changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
         if changed:
-            log.warning("resuming %s with different settings %s: earlier rows keep the old ones (use a new --output or "
-                        "--no-resume to redo everything)", out, changed)  # fmt: skip
+            log.warning(
+                "resuming %s with different settings %s: earlier rows keep the old ones (use a new --output or "
+                "--no-resume to redo everything)",
+                out,
+                changed,
+            )
     with fs.open_output_stream(path) as f:
         f.write(json.dumps(now, indent=2).encode())

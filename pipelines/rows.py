@@ -56,41 +56,45 @@ def split_row_id(rid: str) -> tuple[str, int, str]:
 
 
 # A decoded page on its way to the GPU stage: uint8 views (V, 3, W, W) as raw bytes, or an error.
-DECODED_SCHEMA = pa.schema([
-    ("doc", pa.string()),
-    ("source_uri", pa.string()),
-    ("page", pa.int32()),
-    ("prompts", pa.list_(pa.string())),  # the prompts still to answer for this page
-    ("views", pa.binary()),  # null for error rows
-    ("n_views", pa.int32()),
-    ("window", pa.int32()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("grid_rows", pa.int32()),
-    ("grid_cols", pa.int32()),
-    ("error_type", pa.string()),
-    ("error_message", pa.string()),
-])  # fmt: skip
+DECODED_SCHEMA = pa.schema(
+    [
+        ("doc", pa.string()),
+        ("source_uri", pa.string()),
+        ("page", pa.int32()),
+        ("prompts", pa.list_(pa.string())),  # the prompts still to answer for this page
+        ("views", pa.binary()),  # null for error rows
+        ("n_views", pa.int32()),
+        ("window", pa.int32()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("grid_rows", pa.int32()),
+        ("grid_cols", pa.int32()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+    ]
+)
 
-OUTPUT_SCHEMA = pa.schema([
-    ("id", pa.string()),
-    ("source_uri", pa.string()),
-    ("page", pa.int32()),
-    ("prompt", pa.string()),
-    ("text", pa.string()),
-    ("finish_reason", pa.string()),
-    ("prompt_tokens", pa.int32()),
-    ("completion_tokens", pa.int32()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("grid_rows", pa.int32()),
-    ("grid_cols", pa.int32()),
-    ("encode_ms", pa.float64()),
-    ("generate_ms", pa.float64()),
-    ("model", pa.string()),
-    ("error_type", pa.string()),
-    ("error_message", pa.string()),
-])  # fmt: skip
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source_uri", pa.string()),
+        ("page", pa.int32()),
+        ("prompt", pa.string()),
+        ("text", pa.string()),
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("grid_rows", pa.int32()),
+        ("grid_cols", pa.int32()),
+        ("encode_ms", pa.float64()),
+        ("generate_ms", pa.float64()),
+        ("model", pa.string()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+    ]
+)
 
 
 def error_fields(error_type: str, message: str) -> dict:

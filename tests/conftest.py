@@ -66,7 +66,7 @@ def ray_session(ray_metrics_port, tmp_path_factory):
         from ray import serve
 
         serve.shutdown()
-    except Exception:
+    except Exception:  # noqa: BLE001 - best-effort teardown; Ray is shut down next either way
         pass
     ray.shutdown()
 

@@ -34,8 +34,12 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
 def decompression_bomb() -> bytes:
     """A 100-byte PNG that declares 60000 x 60000 pixels (3.6 gigapixels)."""
     ihdr = struct.pack(">IIBBBBB", 60000, 60000, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + _png_chunk(b"IEND", b""))  # fmt: skip
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _pdf(objects: list[str], trailer_extra: str = "") -> bytes:
@@ -58,11 +62,14 @@ def empty_pdf() -> bytes:
 def encrypted_pdf() -> bytes:
     """Standard security handler (RC4, R2) whose /U entry matches no password: readers must ask for one."""
     return _pdf(
-        ["<< /Type /Catalog /Pages 2 0 R >>", "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-         "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] >>",
-         "<< /Filter /Standard /V 1 /R 2 /O <" + "ab" * 32 + "> /U <" + "cd" * 32 + "> /P -4 >>"],
+        [
+            "<< /Type /Catalog /Pages 2 0 R >>",
+            "<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+            "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] >>",
+            "<< /Filter /Standard /V 1 /R 2 /O <" + "ab" * 32 + "> /U <" + "cd" * 32 + "> /P -4 >>",
+        ],
         "/Encrypt 4 0 R /ID [<" + "01" * 16 + "> <" + "01" * 16 + ">] ",
-    )  # fmt: skip
+    )
 
 
 def exif_rotated_jpeg() -> bytes:
@@ -93,16 +100,24 @@ def bad_corpus() -> list[Case]:
         Case("zero-bytes.png", b"", "empty_file", page=0),
         Case("truncated.png", png[: len(png) // 2], "decode_error", page=1),
         Case("truncated.jpg", jpeg[: len(jpeg) // 3], "decode_error", page=1),
-        Case("not-an-image.jpg", b"Quarterly report\nThis is plain text with an image extension.\n" * 20,
-             "decode_error", page=0),  # fmt: skip
+        Case(
+            "not-an-image.jpg",
+            b"Quarterly report\nThis is plain text with an image extension.\n" * 20,
+            "decode_error",
+            page=0,
+        ),
         Case("bomb.png", decompression_bomb(), "too_large", page=0),
         Case("cmyk.jpg", samples.encode(samples.page_image(3, (320, 400)).convert("CMYK"), "JPEG"), size=(320, 400)),
         Case("16-bit.png", samples.encode(sixteen, "PNG"), size=(300, 200)),
         Case("palette-alpha.png", samples.encode(pal, "PNG"), size=(240, 320)),
         Case("exif-rotated.jpg", exif_rotated_jpeg(), size=(400, 300)),
         Case("animated.gif", animated_gif(), size=(200, 260)),
-        Case("corrupt.pdf", b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog /Pages 2 0 R\n" + b"\x00garbage" * 40,
-             "pdf_error", page=0),  # fmt: skip
+        Case(
+            "corrupt.pdf",
+            b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog /Pages 2 0 R\n" + b"\x00garbage" * 40,
+            "pdf_error",
+            page=0,
+        ),
         Case("encrypted.pdf", encrypted_pdf(), "pdf_encrypted", page=0),
         Case("no-pages.pdf", empty_pdf(), "empty_document", page=0),
     ]

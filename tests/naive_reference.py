@@ -31,7 +31,10 @@ def vit(sd: dict, cfg, views: torch.Tensor) -> torch.Tensor:
         a = torch.softmax((q * hd**-0.5) @ k.transpose(-1, -2), dim=-1) @ v
         a = a.transpose(1, 2).reshape(x.shape) @ sd[b + "attn.proj.weight"].T + sd[b + "attn.proj.bias"]
         x = x + F.layer_norm(a, (c.width,), sd[b + "norm1.weight"], sd[b + "norm1.bias"], 1e-6)
-        m = F.gelu(x @ sd[b + "mlp.fc1.weight"].T + sd[b + "mlp.fc1.bias"]) @ sd[b + "mlp.fc2.weight"].T + sd[b + "mlp.fc2.bias"]
+        m = (
+            F.gelu(x @ sd[b + "mlp.fc1.weight"].T + sd[b + "mlp.fc1.bias"]) @ sd[b + "mlp.fc2.weight"].T
+            + sd[b + "mlp.fc2.bias"]
+        )
         x = x + F.layer_norm(m, (c.width,), sd[b + "norm2.weight"], sd[b + "norm2.bias"], 1e-6)
     return x
 

@@ -12,14 +12,28 @@ from pipelines.job import JobConfig, output_parts
 from pipelines.storage import S3Settings, Storage
 
 # Small everywhere: 4 new tokens, at most 4 windows, PDFs at 72 dpi; several engine calls per job (batch of 2 pages).
-TEST_SETTINGS = dict(max_new_tokens=4, max_windows=4, dpi=72, batch_size=2, max_slots=4, actors=(1, 1),
-                     flush_seconds=0.0, gpus_per_actor=0.0)  # fmt: skip
+TEST_SETTINGS = dict(
+    max_new_tokens=4,
+    max_windows=4,
+    dpi=72,
+    batch_size=2,
+    max_slots=4,
+    actors=(1, 1),
+    flush_seconds=0.0,
+    gpus_per_actor=0.0,
+)
 PROMPT = "Transcribe the text of this page."
 
 
 def config(checkpoint, inputs, output, **kw) -> JobConfig:
-    base = JobConfig(inputs=tuple(str(i) for i in inputs), output=str(output), prompts=(PROMPT,),
-                     checkpoint=str(checkpoint), s3=S3Settings.from_env(), **TEST_SETTINGS)  # fmt: skip
+    base = JobConfig(
+        inputs=tuple(str(i) for i in inputs),
+        output=str(output),
+        prompts=(PROMPT,),
+        checkpoint=str(checkpoint),
+        s3=S3Settings.from_env(),
+        **TEST_SETTINGS,
+    )
     return replace(base, **kw)
 
 
@@ -57,8 +71,9 @@ class Reference:
         from model.windows import WindowConfig
 
         windows = WindowConfig(max_windows=TEST_SETTINGS["max_windows"])
-        self.engine = Engine.from_pretrained(checkpoint, device="cpu", config=EngineConfig(max_slots=1, max_views=5),
-                                             windows=windows)  # fmt: skip
+        self.engine = Engine.from_pretrained(
+            checkpoint, device="cpu", config=EngineConfig(max_slots=1, max_views=5), windows=windows
+        )
 
     def text(self, page, prompt: str = PROMPT) -> str:
         """`page`: image bytes or PageViews."""

@@ -54,8 +54,12 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 
 
 def image_message(url: str, prompt: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                         {"type": "text", "text": prompt}]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}],
+        }
+    ]
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):

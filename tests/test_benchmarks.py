@@ -15,8 +15,24 @@ from benchmarks import gpu
 
 def test_gpu_benchmark_runs_at_tiny_size_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
-    result = gpu.main(["--size", "tiny", "--device", "cpu", "--batches", "2", "--new-tokens", "3", "--vit-views", "2",
-                       "--prompt-tokens", "12", "--out", str(out)])  # fmt: skip
+    result = gpu.main(
+        [
+            "--size",
+            "tiny",
+            "--device",
+            "cpu",
+            "--batches",
+            "2",
+            "--new-tokens",
+            "3",
+            "--vit-views",
+            "2",
+            "--prompt-tokens",
+            "12",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["checks"]["golden_d_ids_equal"] and result["checks"]["golden_d_batch_ids_equal"]
     assert result["checks"]["golden_b_logits_max_abs_diff"] < 1e-4
@@ -36,8 +52,25 @@ def test_vit_flop_count_matches_the_baseline_note():
 
 def test_engine_cpu_benchmark_prints_json(tmp_path):
     out = tmp_path / "e.json"
-    p = subprocess.run([sys.executable, "benchmarks/engine_cpu.py", "--pages", "2", "--new-tokens", "3", "--slots", "2",
-                        "--size", "500", "--out", str(out)], capture_output=True, text=True, timeout=600)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/engine_cpu.py",
+            "--pages",
+            "2",
+            "--new-tokens",
+            "3",
+            "--slots",
+            "2",
+            "--size",
+            "500",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr
     r = json.loads(out.read_text())
     assert r["pages"] == 2 and r["bare_loop_pages_per_s"] > 0 and r["engine_pages_per_s"] > 0

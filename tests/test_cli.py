@@ -21,8 +21,17 @@ def run(*args, env=None, check=True):
 def test_generate_without_checkpoint_says_weights_are_random(tmp_path):
     page = tmp_path / "page.png"
     Image.new("RGB", (900, 1200), "white").save(page)
-    p = run("generate", "--image", str(page), "--prompt", "Transcribe.", "--max-new-tokens", "5", "--json",
-            env={"INFIMM_TINY_CHECKPOINT": str(tmp_path / "tiny")})  # fmt: skip
+    p = run(
+        "generate",
+        "--image",
+        str(page),
+        "--prompt",
+        "Transcribe.",
+        "--max-new-tokens",
+        "5",
+        "--json",
+        env={"INFIMM_TINY_CHECKPOINT": str(tmp_path / "tiny")},
+    )
     assert "RANDOM WEIGHTS" in p.stderr
     out = json.loads(p.stdout)
     assert 1 <= out["completion_tokens"] <= 5 and out["finish_reason"] in ("stop", "length")

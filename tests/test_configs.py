@@ -104,10 +104,12 @@ def test_padded_batch_and_engine_with_mixed_images_match_naive(name):
 
     # greedy continuation through the engine vs a no-cache naive greedy loop
     engine = Engine(model, _FakeProcessor(cfg), EngineConfig(max_slots=2, max_seq_len=64, max_views=7))
-    reqs = [Request(ids, [EncodedImage(m) for m in ms], SamplingParams(max_new_tokens=5, stop_token_ids=()))
-            for ids, ms in rows]  # fmt: skip
+    reqs = [
+        Request(ids, [EncodedImage(m) for m in ms], SamplingParams(max_new_tokens=5, stop_token_ids=()))
+        for ids, ms in rows
+    ]
     results = engine.generate(reqs)
-    for (ids, ms), res in zip(rows, results):
+    for (ids, ms), res in zip(rows, results, strict=True):
         seq = list(ids)
         for _ in range(5):
             seq.append(int(naive.forward_row(sd, cfg, seq, ms)[-1].argmax()))

@@ -37,7 +37,11 @@ def page(w: int, h: int, text: str) -> bytes:
     return buf.getvalue()
 
 
-PAGES = [page(900, 1300, "INVOICE 2024-0117\nTotal 200.40"), page(1400, 500, "Minutes of the meeting"), page(300, 300, "x")]
+PAGES = [
+    page(900, 1300, "INVOICE 2024-0117\nTotal 200.40"),
+    page(1400, 500, "Minutes of the meeting"),
+    page(300, 300, "x"),
+]
 QUESTIONS = ["Transcribe this page.", "What is the total?", "Who was present?"]
 
 
@@ -46,7 +50,9 @@ def reference(model, processor, req: Request) -> list[int]:
     media = None
     if req.images:
         with torch.no_grad():
-            items = [model.build_media(model.encode_views(normalize_views(p.views)), p.rows, p.cols) for p in req.images]
+            items = [
+                model.build_media(model.encode_views(normalize_views(p.views)), p.rows, p.cols) for p in req.images
+            ]
         # generate takes equal-sized items; these tests give each request at most one page
         media = torch.stack(items)[None]
     stop = list(req.sampling.stop_token_ids) if req.sampling.stop_token_ids is not None else processor.stop_token_ids
@@ -69,13 +75,16 @@ def mixed_requests(engine, n: int, seed: int) -> list[Request]:
 @pytest.mark.parametrize("slots,order_seed", [(1, 0), (2, 1), (5, 2), (8, 3)])
 def test_greedy_outputs_equal_single_request_generate(model, processor, slots, order_seed):
     # vit_batch_views=5 for one case: pages then straddle ViT chunks
-    engine = Engine(model, processor, EngineConfig(max_slots=slots, max_seq_len=160, max_prefill_batch=3,
-                                                   vit_batch_views=5 if slots == 2 else 32))  # fmt: skip
+    engine = Engine(
+        model,
+        processor,
+        EngineConfig(max_slots=slots, max_seq_len=160, max_prefill_batch=3, vit_batch_views=5 if slots == 2 else 32),
+    )
     reqs = mixed_requests(engine, 10, seed=order_seed)
     expected = {r.request_id: reference(model, processor, r) for r in reqs}
     random.Random(order_seed).shuffle(reqs)
     results = engine.generate(reqs)
-    for req, res in zip(reqs, results):
+    for req, res in zip(reqs, results, strict=True):
         ids = expected[req.request_id]
         stop = set(req.sampling.stop_token_ids if req.sampling.stop_token_ids is not None else processor.stop_token_ids)
         if any(t in stop for t in ids):  # generate pads after a stop; the engine ends the sequence there
@@ -100,8 +109,11 @@ def test_sampling_is_reproducible_per_seed(model, processor):
     engine = Engine(model, processor, EngineConfig(max_slots=4, max_seq_len=160))
 
     def sampled(seed, crowd=0):
-        req = engine.make_request(QUESTIONS[1], [PAGES[1]], SamplingParams(max_new_tokens=12, temperature=1.5,
-                                                                         top_p=0.95, top_k=50, seed=seed))  # fmt: skip
+        req = engine.make_request(
+            QUESTIONS[1],
+            [PAGES[1]],
+            SamplingParams(max_new_tokens=12, temperature=1.5, top_p=0.95, top_k=50, seed=seed),
+        )
         others = mixed_requests(engine, crowd, seed=seed + 100)
         return engine.generate([req] + others)[0].token_ids
 
@@ -109,7 +121,9 @@ def test_sampling_is_reproducible_per_seed(model, processor):
     assert sampled(7, crowd=3) == a  # same seed, different batch neighbours -> same tokens
     assert any(sampled(s) != a for s in (8, 9, 10))  # another seed changes something
     greedy = engine.generate([engine.make_request(QUESTIONS[1], [PAGES[1]], SamplingParams(max_new_tokens=12))])[0]
-    top1 = engine.make_request(QUESTIONS[1], [PAGES[1]], SamplingParams(max_new_tokens=12, temperature=2.0, top_k=1, seed=1))
+    top1 = engine.make_request(
+        QUESTIONS[1], [PAGES[1]], SamplingParams(max_new_tokens=12, temperature=2.0, top_k=1, seed=1)
+    )
     assert engine.generate([top1])[0].token_ids == greedy.token_ids  # top-k 1 is greedy
 
 
@@ -150,8 +164,9 @@ def test_stop_strings_cut_the_text(model, processor):
     full = engine.generate([engine.make_request(QUESTIONS[0], [PAGES[0]], SamplingParams(max_new_tokens=20))])[0]
     assert len(full.text) > 4, "need some text to cut"
     stop = full.text[2:4]
-    cut = engine.generate([engine.make_request(QUESTIONS[0], [PAGES[0]],
-                                               SamplingParams(max_new_tokens=20, stop=(stop,)))])[0]  # fmt: skip
+    cut = engine.generate(
+        [engine.make_request(QUESTIONS[0], [PAGES[0]], SamplingParams(max_new_tokens=20, stop=(stop,)))]
+    )[0]
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.index(stop)]
     assert stop not in cut.text
@@ -164,7 +179,9 @@ def test_invalid_requests_fail_before_any_work(model, processor):
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingParams(max_new_tokens=0)
     with pytest.raises(ValueError, match="<image>"):
-        engine.generate([Request(prompt_ids=[1, model.config.image_token_id, 5], sampling=SamplingParams(max_new_tokens=4))])
+        engine.generate(
+            [Request(prompt_ids=[1, model.config.image_token_id, 5], sampling=SamplingParams(max_new_tokens=4))]
+        )
     assert engine.stats()["waiting"] == 0 and engine.stats()["active"] == 0
 
 
@@ -172,7 +189,9 @@ def test_streaming_deltas_concatenate_to_the_text(model, processor):
     engine = Engine(model, processor, EngineConfig(max_slots=4, max_seq_len=160))
 
     async def run():
-        reqs = [engine.make_request(q, [PAGES[i % 3]], SamplingParams(max_new_tokens=10)) for i, q in enumerate(QUESTIONS)]
+        reqs = [
+            engine.make_request(q, [PAGES[i % 3]], SamplingParams(max_new_tokens=10)) for i, q in enumerate(QUESTIONS)
+        ]
 
         async def collect(r):
             parts, final = [], None
@@ -188,9 +207,11 @@ def test_streaming_deltas_concatenate_to_the_text(model, processor):
     finally:
         engine.shutdown()
     sync = Engine(model, processor, EngineConfig(max_slots=1, max_seq_len=160))
-    for req, (text, result) in zip(reqs, outs):
+    for req, (text, result) in zip(reqs, outs, strict=True):
         assert result is not None and text == result.text
-        again = sync.generate([sync.make_request(*_question_and_page(req, processor), SamplingParams(max_new_tokens=10))])
+        again = sync.generate(
+            [sync.make_request(*_question_and_page(req, processor), SamplingParams(max_new_tokens=10))]
+        )
         assert again[0].text == text
         t = result.timings
         assert 0 <= t.queue_s <= t.ttft_s <= t.total_s and t.prefill_s > 0

@@ -195,5 +195,5 @@ def test_engine_reproduces_golden_ids_in_any_order(model, golden_dir, golden, hd
             expected.append(exp[: exp.index(292) + 1] if 292 in exp and stop == (292,) else exp)
     order = torch.randperm(len(reqs), generator=torch.Generator().manual_seed(slots)).tolist()
     results = engine.generate([reqs[i] for i in order])
-    for res, i in zip(results, order):
+    for res, i in zip(results, order, strict=True):
         assert res.token_ids == expected[i], f"request {i} with {slots} slots"

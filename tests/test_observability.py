@@ -50,8 +50,16 @@ def prometheus(ray_session, ray_metrics_port, tmp_path_factory):
     (folder / "prometheus.yml").write_text(yaml.safe_dump(cfg))
     port = free_port()
     log = open(folder / "prometheus.log", "wb")
-    proc = subprocess.Popen([binary, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -91,13 +99,19 @@ def wait_for(base: str, expr: str, timeout: float = 90.0) -> list:
 
 @pytest.fixture(scope="module")
 def traffic(prometheus, ray_session, tiny_checkpoint, tmp_path_factory):
-    """A small batch job (one corrupt file among the pages) and a few HTTP requests (one refused) in this Ray session."""
+    """A small batch job (one corrupt file among the pages) and a few HTTP requests (one refused) in this session."""
     from pipelines.job import run_job
     from pipelines.samples import png_page  # a generated document page
 
     folder = tmp_path_factory.mktemp("obs")
-    docs = write_files(folder / "in", {"a.png": png_page(1, (600, 800)), "b.png": png_page(2, (600, 800)),
-                                       "broken.png": b"\x89PNG\r\n\x1a\n not really"})  # fmt: skip
+    docs = write_files(
+        folder / "in",
+        {
+            "a.png": png_page(1, (600, 800)),
+            "b.png": png_page(2, (600, 800)),
+            "broken.png": b"\x89PNG\r\n\x1a\n not really",
+        },
+    )
     summary = run_job(job_config(tiny_checkpoint, [docs], folder / "out"), progress=False)
     assert summary["run"]["rows"] == 3
 
@@ -112,12 +126,16 @@ def traffic(prometheus, ray_session, tiny_checkpoint, tmp_path_factory):
         load_serve_config(INFRA / "serve.yaml"),
         args={"checkpoint": str(tiny_checkpoint), "max_slots": 2, "max_seq_len": 1024, "api_key": None},
         deployments={
-            "InfimmModel": {"autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1},
-                            "ray_actor_options": {"num_gpus": 0, "num_cpus": 1}},
-            "OpenAIIngress": {"autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
-                              "ray_actor_options": {"num_cpus": 0.5}},
+            "InfimmModel": {
+                "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1},
+                "ray_actor_options": {"num_gpus": 0, "num_cpus": 1},
+            },
+            "OpenAIIngress": {
+                "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+                "ray_actor_options": {"num_cpus": 0.5},
+            },
         },
-    )  # fmt: skip
+    )
     serve.run(app, name="obs", route_prefix="/obs")
     url = f"http://127.0.0.1:{port}/obs/v1/chat/completions"
     ok = {"model": "infimm-hd", "max_tokens": 4, "messages": [{"role": "user", "content": "Say something."}]}

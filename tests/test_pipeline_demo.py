@@ -19,6 +19,6 @@ def test_demo_runs_the_batch_job_end_to_end(tmp_path):
     out = p.stdout
     # 6 documents: 2 PNG + 1 JPEG pages, a 3-page PDF, a 2-page TIFF, one corrupt PNG -> 9 rows, one error
     assert "(9 rows, 6 documents, 9 pages)" in out and "errors      1 rows: decode_error 1" in out
-    table = out[out.index("source "):].splitlines()[2:]
+    table = out[out.index("source ") :].splitlines()[2:]
     assert len(table) == 9 and sum("[decode_error]" in line for line in table) == 1
     assert sum("report.pdf" in line for line in table) == 3 and sum("fax.tiff" in line for line in table) == 2

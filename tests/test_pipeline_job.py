@@ -40,15 +40,24 @@ def page_views(row: dict) -> PageViews:
 
 def test_local_folder_in_local_out_one_row_per_page_then_resume(tiny_checkpoint, ray_session, reference, tmp_path):
     pngs = {f"page-{i}.png": samples.png_page(i, (360 + 200 * i, 480)) for i in range(3)}
-    docs = write_files(tmp_path / "docs", {**pngs, "report.pdf": samples.pdf_document(3, size=(300, 400)),
-                                           "scan.tiff": samples.tiff_document(2, size=(300, 400))})  # fmt: skip
+    docs = write_files(
+        tmp_path / "docs",
+        {
+            **pngs,
+            "report.pdf": samples.pdf_document(3, size=(300, 400)),
+            "scan.tiff": samples.tiff_document(2, size=(300, 400)),
+        },
+    )
     out = tmp_path / "out"
     cfg = config(tiny_checkpoint, [docs], out)
 
     s = run_job(cfg, progress=False)
     rows = by_page(read_rows(str(out)))
-    expected = {(n, 1, PROMPT) for n in pngs} | {("report.pdf", p, PROMPT) for p in (1, 2, 3)} | {
-        ("scan.tiff", p, PROMPT) for p in (1, 2)}  # fmt: skip
+    expected = (
+        {(n, 1, PROMPT) for n in pngs}
+        | {("report.pdf", p, PROMPT) for p in (1, 2, 3)}
+        | {("scan.tiff", p, PROMPT) for p in (1, 2)}
+    )
     assert set(rows) == expected
     assert s["rows"] == s["unique_ids"] == s["pages"] == 8 and s["error_rows"] == 0 and s["run"]["rows"] == 8
     for name, data in pngs.items():  # the job's answer is the engine's answer for that page alone
@@ -78,16 +87,21 @@ def test_s3_in_s3_out_with_a_manifest_and_the_bad_input_corpus(tiny_checkpoint, 
     for case in cases:
         # SeaweedFS leaves a keep-alive connection hanging after a 0-byte PUT (the next request on it waits for
         # boto3's 60 s read timeout): the empty object gets a client of its own.
-        (s3_server.client() if not case.data else client).put_object(Bucket="batch-corpus", Key=f"in/{case.name}",
-                                                                       Body=case.data)  # fmt: skip
+        (s3_server.client() if not case.data else client).put_object(
+            Bucket="batch-corpus", Key=f"in/{case.name}", Body=case.data
+        )
     client.put_object(Bucket="batch-corpus", Key="in/deleted-after-listing.png", Body=samples.png_page(5, (300, 400)))
     client.put_object(Bucket="batch-corpus", Key="other/invoice.png", Body=samples.png_page(6, (300, 400)))
-    manifest = [{"uri": "s3://batch-corpus/other/invoice.png", "id": "invoice-6", "prompt": "Total amount?"},
-                {"uri": "s3://batch-corpus/other/never-uploaded.pdf", "id": "ghost"}]  # fmt: skip
-    client.put_object(Bucket="batch-corpus", Key="manifests/m.jsonl",
-                      Body="\n".join(json.dumps(m) for m in manifest).encode())  # fmt: skip
-    cfg = config(tiny_checkpoint, ["s3://batch-corpus/in/", "s3://batch-corpus/manifests/m.jsonl"],
-                 "s3://batch-corpus/out/")  # fmt: skip
+    manifest = [
+        {"uri": "s3://batch-corpus/other/invoice.png", "id": "invoice-6", "prompt": "Total amount?"},
+        {"uri": "s3://batch-corpus/other/never-uploaded.pdf", "id": "ghost"},
+    ]
+    client.put_object(
+        Bucket="batch-corpus", Key="manifests/m.jsonl", Body="\n".join(json.dumps(m) for m in manifest).encode()
+    )
+    cfg = config(
+        tiny_checkpoint, ["s3://batch-corpus/in/", "s3://batch-corpus/manifests/m.jsonl"], "s3://batch-corpus/out/"
+    )
 
     sources = list_sources(list(cfg.inputs), Storage(S3Settings.from_env()))
     client.delete_object(Bucket="batch-corpus", Key="in/deleted-after-listing.png")
@@ -153,10 +167,38 @@ def test_a_killed_driver_resumes_with_every_page_exactly_once(tiny_checkpoint, r
     (docs / "long.pdf").write_bytes(samples.pdf_document(4, size=(300, 400)))
     out = tmp_path / "out"
     gcs = ray_session.get_runtime_context().gcs_address
-    cmd = [sys.executable, "-m", "model.cli", "batch", "run", "--input", str(docs), "--output", str(out),
-           "--prompt", PROMPT, "--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "4", "--max-windows", "4",
-           "--dpi", "72", "--batch-size", "2", "--max-slots", "4", "--flush-seconds", "0", "--gpus-per-actor", "0",
-           "--ray-address", gcs, "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "model.cli",
+        "batch",
+        "run",
+        "--input",
+        str(docs),
+        "--output",
+        str(out),
+        "--prompt",
+        PROMPT,
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--max-new-tokens",
+        "4",
+        "--max-windows",
+        "4",
+        "--dpi",
+        "72",
+        "--batch-size",
+        "2",
+        "--max-slots",
+        "4",
+        "--flush-seconds",
+        "0",
+        "--gpus-per-actor",
+        "0",
+        "--ray-address",
+        gcs,
+        "--no-progress",
+    ]
     log = open(tmp_path / "driver.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 240

@@ -25,8 +25,11 @@ DECODE = DecodeConfig(windows=WindowConfig(max_windows=TEST_SETTINGS["max_window
 
 
 def decode(uri, prompts=(PROMPT,), done=(), config=DECODE, doc="d") -> list[dict]:
-    return list(DecodePages(Storage(), config).pages({"uri": str(uri), "doc": doc, "prompts": list(prompts),
-                                                      "done": list(done)}))  # fmt: skip
+    return list(
+        DecodePages(Storage(), config).pages(
+            {"uri": str(uri), "doc": doc, "prompts": list(prompts), "done": list(done)}
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +82,12 @@ def test_pdf_dpi_page_cap_and_done_pages(tmp_path):
     at144 = decode(tmp_path / "doc.pdf", config=DecodeConfig(windows=DECODE.windows, dpi=144, max_pages=3))
     assert [r["width"] for r in at72] == [300] * 5
     assert [(r["page"], r["width"], r["error_type"]) for r in at144] == [
-        (1, 600, None), (2, 600, None), (3, 600, None), (4, None, "page_limit"), (5, None, "page_limit")]  # fmt: skip
+        (1, 600, None),
+        (2, 600, None),
+        (3, 600, None),
+        (4, None, "page_limit"),
+        (5, None, "page_limit"),
+    ]
     # resume: pages 1 and 3 done for this prompt -> only 2, 4, 5 come out; with a second prompt page 1 comes back
     done = [f"1:{prompt_key(PROMPT)}", f"3:{prompt_key(PROMPT)}"]
     assert [r["page"] for r in decode(tmp_path / "doc.pdf", done=done)] == [2, 4, 5]
@@ -111,15 +119,16 @@ def test_local_folders_globs_and_manifests(tmp_path):
     assert [os.path.basename(s.uri) for s in list_sources([str(d)], Storage())] == ["a.png", "b.pdf", "c.TIFF"]
     assert [os.path.basename(s.uri) for s in list_sources([str(d / "**" / "*.pdf")], Storage())] == ["b.pdf"]
 
-    rows = [{"uri": "docs/a.png", "id": "doc-1", "prompt": "Title?"}, {"uri": str(d / "sub" / "b.pdf")},
-            {"uri": ""}]  # fmt: skip
+    rows = [{"uri": "docs/a.png", "id": "doc-1", "prompt": "Title?"}, {"uri": str(d / "sub" / "b.pdf")}, {"uri": ""}]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "m.csv").write_text("uri,id,prompt\ndocs/a.png,doc-1,Title?\n" + str(d / "sub" / "b.pdf") + ",,\n")
     pq.write_table(pa.Table.from_pylist(rows[:2]), tmp_path / "m.parquet")
     for name in ("m.jsonl", "m.csv", "m.parquet"):
         got = list_sources([str(tmp_path / name)], Storage())
         assert [(s.uri, s.doc_id, s.prompt) for s in got] == [
-            (str(d / "a.png"), "doc-1", "Title?"), (str(d / "sub" / "b.pdf"), None, None)], name  # fmt: skip
+            (str(d / "a.png"), "doc-1", "Title?"),
+            (str(d / "sub" / "b.pdf"), None, None),
+        ], name
 
     (tmp_path / "bad.csv").write_text("path\nx.png\n")
     with pytest.raises(ValueError, match="no `uri` column"):
@@ -153,9 +162,16 @@ def test_row_ids_are_deterministic_and_reversible():
 # ---- engine stage ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stage(tiny_checkpoint):
-    return GenerateStage(GenerateConfig(checkpoint=str(tiny_checkpoint), max_new_tokens=TEST_SETTINGS["max_new_tokens"],
-                                        max_windows=TEST_SETTINGS["max_windows"], max_slots=4, device="cpu",
-                                        metrics="none"))  # fmt: skip
+    return GenerateStage(
+        GenerateConfig(
+            checkpoint=str(tiny_checkpoint),
+            max_new_tokens=TEST_SETTINGS["max_new_tokens"],
+            max_windows=TEST_SETTINGS["max_windows"],
+            max_slots=4,
+            device="cpu",
+            metrics="none",
+        )
+    )
 
 
 def test_engine_stage_answers_every_prompt_of_every_page_like_the_engine_alone(stage, tiny_checkpoint, tmp_path):
@@ -190,8 +206,9 @@ def test_a_request_the_engine_refuses_is_an_error_row_not_a_failed_batch(stage, 
 
 # ---- writer and resume bookkeeping -----------------------------------------------------------------------------------
 def _rows(ids):
-    return pa.Table.from_pylist([{"id": i, "source_uri": "u", "page": 1, "prompt": "q"} for i in ids],
-                                schema=OUTPUT_SCHEMA)  # fmt: skip
+    return pa.Table.from_pylist(
+        [{"id": i, "source_uri": "u", "page": 1, "prompt": "q"} for i in ids], schema=OUTPUT_SCHEMA
+    )
 
 
 def test_writer_drops_repeated_ids_and_resume_reads_them_back(tmp_path):
@@ -220,9 +237,27 @@ def test_submit_replays_the_run_flags(tmp_path):
     (tmp_path / "prompts.txt").write_text("First?\n\n  Second?  \n")
     parser = argparse.ArgumentParser()
     add_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["batch", "submit", "--address", "http://h:8265", "--input", "s3://b/in/", "--input",
-                              "m.jsonl", "--output", "s3://b/out/", "--prompts-file", str(tmp_path / "prompts.txt"),
-                              "--actors", "1,3", "--no-resume", "--max-new-tokens", "9"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "batch",
+            "submit",
+            "--address",
+            "http://h:8265",
+            "--input",
+            "s3://b/in/",
+            "--input",
+            "m.jsonl",
+            "--output",
+            "s3://b/out/",
+            "--prompts-file",
+            str(tmp_path / "prompts.txt"),
+            "--actors",
+            "1,3",
+            "--no-resume",
+            "--max-new-tokens",
+            "9",
+        ]
+    )
     argv = run_argv(args)
     again = parser.parse_args(["batch", "run", *argv])
     assert again.inputs == ["s3://b/in/", "m.jsonl"] and again.output == "s3://b/out/"
@@ -236,9 +271,24 @@ def test_cli_refuses_a_job_without_prompts_before_writing_anything(tmp_path, tin
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "p.png").write_bytes(samples.png_page(0, (200, 260)))
-    p = subprocess.run([sys.executable, "-m", "model.cli", "batch", "run", "--input", str(tmp_path / "in"), "--output",
-                        str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint)], capture_output=True, text=True,
-                       timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "model.cli",
+            "batch",
+            "run",
+            "--input",
+            str(tmp_path / "in"),
+            "--output",
+            str(tmp_path / "out"),
+            "--checkpoint",
+            str(tiny_checkpoint),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "no prompt for" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "out").exists()
 

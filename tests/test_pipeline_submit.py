@@ -40,11 +40,23 @@ def ray_head():
     dash = _port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-    cmd = ["ray", "start", "--head", "--block", f"--port={_port()}", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-           f"--ray-client-server-port={_port()}", f"--dashboard-agent-listen-port={_port()}",
-           f"--metrics-export-port={_port()}", "--num-cpus=3", f"--temp-dir={tmp}",
-           "--disable-usage-stats"]  # fmt: skip
+    cmd = [
+        "ray",
+        "start",
+        "--head",
+        "--block",
+        f"--port={_port()}",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        "--include-dashboard=true",
+        f"--ray-client-server-port={_port()}",
+        f"--dashboard-agent-listen-port={_port()}",
+        f"--metrics-export-port={_port()}",
+        "--num-cpus=3",
+        f"--temp-dir={tmp}",
+        "--disable-usage-stats",
+    ]
     log = open(os.path.join(tmp, "head.log"), "wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
@@ -71,12 +83,18 @@ def ray_head():
 
 
 def cli(*args, env=None, timeout=500):
-    return subprocess.run([sys.executable, "-m", "model.cli", "batch", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "model.cli", "batch", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
 
 
-def test_submit_runs_the_job_on_the_cluster_and_status_and_logs_report_it(ray_head, s3_server, tiny_checkpoint,
-                                                                           tmp_path):  # fmt: skip
+def test_submit_runs_the_job_on_the_cluster_and_status_and_logs_report_it(
+    ray_head, s3_server, tiny_checkpoint, tmp_path
+):
     address, token = ray_head
     s3_server.create_bucket("batch-submit")
     client = s3_server.client()
@@ -85,10 +103,37 @@ def test_submit_runs_the_job_on_the_cluster_and_status_and_logs_report_it(ray_he
     client.put_object(Bucket="batch-submit", Key="in/two.pdf", Body=samples.pdf_document(2, size=(300, 400)))
     auth = {"RAY_AUTH_TOKEN": token}
 
-    p = cli("submit", "--address", address, "--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY",
-            "--wait", "--timeout", "420", "--input", "s3://batch-submit/in/", "--output", "s3://batch-submit/out/",
-            "--prompt", PROMPT, "--checkpoint", str(tiny_checkpoint), "--max-new-tokens", "4", "--max-windows", "4",
-            "--dpi", "72", "--batch-size", "2", "--max-slots", "4", env=auth)  # fmt: skip
+    p = cli(
+        "submit",
+        "--address",
+        address,
+        "--env",
+        "AWS_ACCESS_KEY_ID",
+        "--env",
+        "AWS_SECRET_ACCESS_KEY",
+        "--wait",
+        "--timeout",
+        "420",
+        "--input",
+        "s3://batch-submit/in/",
+        "--output",
+        "s3://batch-submit/out/",
+        "--prompt",
+        PROMPT,
+        "--checkpoint",
+        str(tiny_checkpoint),
+        "--max-new-tokens",
+        "4",
+        "--max-windows",
+        "4",
+        "--dpi",
+        "72",
+        "--batch-size",
+        "2",
+        "--max-slots",
+        "4",
+        env=auth,
+    )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     job_id = p.stdout.splitlines()[0].strip()
     assert "5 pages" in p.stdout  # the job's own summary, from its logs

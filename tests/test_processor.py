@@ -28,8 +28,14 @@ def proc_page():
 
 
 def test_multi_turn_uses_the_training_format(proc):
-    text = proc.render([ChatMessage("system", ["Be brief."]), ChatMessage("user", ["Hi"]),
-                        ChatMessage("assistant", ["Hello."]), ChatMessage("user", ["Total?"])])  # fmt: skip
+    text = proc.render(
+        [
+            ChatMessage("system", ["Be brief."]),
+            ChatMessage("user", ["Hi"]),
+            ChatMessage("assistant", ["Hello."]),
+            ChatMessage("user", ["Total?"]),
+        ]
+    )
     assert text == "Be brief. USER: Hi ASSISTANT: Hello.<|endofchunk|> USER: Total? ASSISTANT:"
     hf = Processor(proc.tokenizer, proc.config, prompt=PromptFormat.named("vicuna-hf"))
     assert hf.question_prompt("Describe.") == " USER: <|endofchunk|><image>Describe. ASSISTANT:"

@@ -46,23 +46,37 @@ def serve_app(ray_session, s3_server, tiny_checkpoint):
     s3_env = {"runtime_env": {"env_vars": s3_server.env()}}  # credentials for boto3 inside the ingress replica
     app, name, prefix, http = application_from_config(
         load_serve_config(ROOT / "infra" / "serve.yaml"),
-        args={"checkpoint": str(tiny_checkpoint), "max_slots": 2, "max_seq_len": 1024, "api_key": API_KEY,
-              "s3_endpoint_url": s3_server.endpoint, "request_timeout_s": 120, "limits": LIMITS},
-        deployments={
-            "InfimmModel": {"max_ongoing_requests": MODEL_ONGOING, "max_queued_requests": MODEL_QUEUED,
-                            "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1},
-                            "ray_actor_options": {"num_gpus": 0, "num_cpus": 1}},
-            "OpenAIIngress": {"max_ongoing_requests": 32, "max_queued_requests": 16,
-                              "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
-                              "ray_actor_options": {"num_cpus": 0.5, **s3_env}},
+        args={
+            "checkpoint": str(tiny_checkpoint),
+            "max_slots": 2,
+            "max_seq_len": 1024,
+            "api_key": API_KEY,
+            "s3_endpoint_url": s3_server.endpoint,
+            "request_timeout_s": 120,
+            "limits": LIMITS,
         },
-    )  # fmt: skip
+        deployments={
+            "InfimmModel": {
+                "max_ongoing_requests": MODEL_ONGOING,
+                "max_queued_requests": MODEL_QUEUED,
+                "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1},
+                "ray_actor_options": {"num_gpus": 0, "num_cpus": 1},
+            },
+            "OpenAIIngress": {
+                "max_ongoing_requests": 32,
+                "max_queued_requests": 16,
+                "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+                "ray_actor_options": {"num_cpus": 0.5, **s3_env},
+            },
+        },
+    )
     assert http["host"] == "0.0.0.0", "infra/serve.yaml is the cluster config (the RayService embeds it)"
     assert _get_global_client().http_config.host == "127.0.0.1", "tests bind loopback only"
     serve.run(app, name=name, route_prefix=prefix)
     base = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(base=base, name=name, client=openai.OpenAI(base_url=base + "/v1", api_key=API_KEY,
-                                                                      max_retries=0, timeout=120))  # fmt: skip
+    yield SimpleNamespace(
+        base=base, name=name, client=openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    )
     serve.delete(name)
 
 
@@ -85,7 +99,7 @@ def text_request(text: str = "Say something.", **extra) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": text}], **extra}
 
 
-# ---- routes -------------------------------------------------------------------------------------------------------------
+# ---- routes ----------------------------------------------------------------------------------------------------------
 def test_health_ready_and_models(serve_app):
     assert httpx.get(serve_app.base + "/health").json() == {"status": "ok"}
     ready = httpx.get(serve_app.base + "/ready", timeout=30)
@@ -94,14 +108,15 @@ def test_health_ready_and_models(serve_app):
     assert [m.id for m in serve_app.client.models.list().data] == [MODEL]
 
 
-# ---- answers ------------------------------------------------------------------------------------------------------------
+# ---- answers ---------------------------------------------------------------------------------------------------------
 def test_page_answer_equals_the_engine_run_directly(serve_app, direct_engine):
     """One engine, one truth: the HTTP answer for a PNG page + prompt (greedy) is the batch pipeline's answer."""
     from model.sampling import SamplingParams
 
     png, prompt, n = page_png(), "Transcribe the text of this page.", 12
-    r = serve_app.client.chat.completions.create(model=MODEL, messages=image_message(data_url(png), prompt),
-                                                 max_tokens=n, temperature=0)  # fmt: skip
+    r = serve_app.client.chat.completions.create(
+        model=MODEL, messages=image_message(data_url(png), prompt), max_tokens=n, temperature=0
+    )
     want = direct_engine.generate([direct_engine.make_request(prompt, [png], SamplingParams(max_new_tokens=n))])[0]
     assert r.choices[0].message.content == want.text
     assert r.choices[0].finish_reason == want.finish_reason
@@ -112,8 +127,11 @@ def test_page_answer_equals_the_engine_run_directly(serve_app, direct_engine):
 def test_stream_deltas_concatenate_to_the_non_streamed_text(serve_app):
     msgs = image_message(data_url(page_png(500, 700)), "What is the total?")
     full = serve_app.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20)
-    chunks = list(serve_app.client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=20, stream=True,
-                                                          stream_options={"include_usage": True}))  # fmt: skip
+    chunks = list(
+        serve_app.client.chat.completions.create(
+            model=MODEL, messages=msgs, max_tokens=20, stream=True, stream_options={"include_usage": True}
+        )
+    )
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
     assert len([p for p in pieces if p]) > 1, "expected the answer in several deltas"
     assert "".join(pieces) == full.choices[0].message.content
@@ -129,14 +147,17 @@ def test_s3_image_from_seaweedfs(serve_app, s3_server):
     s3_server.client().put_object(Bucket="serve-pages", Key="docs/note 1.png", Body=png)
     prompt = "Which box is this?"
     via_s3 = serve_app.client.chat.completions.create(
-        model=MODEL, messages=image_message("s3://serve-pages/docs/note 1.png", prompt), max_tokens=10)
+        model=MODEL, messages=image_message("s3://serve-pages/docs/note 1.png", prompt), max_tokens=10
+    )
     via_data = serve_app.client.chat.completions.create(
-        model=MODEL, messages=image_message(data_url(png), prompt), max_tokens=10)
+        model=MODEL, messages=image_message(data_url(png), prompt), max_tokens=10
+    )
     assert via_s3.choices[0].message.content == via_data.choices[0].message.content
     assert via_s3.usage.prompt_tokens == via_data.usage.prompt_tokens
     with pytest.raises(openai.BadRequestError) as e:  # a missing image is the client's problem, said clearly
         serve_app.client.chat.completions.create(
-            model=MODEL, messages=image_message("s3://serve-pages/docs/missing.png", prompt), max_tokens=4)
+            model=MODEL, messages=image_message("s3://serve-pages/docs/missing.png", prompt), max_tokens=4
+        )
     assert e.value.code == "image_not_found" and "missing.png" in e.value.message
 
 
@@ -150,15 +171,21 @@ def test_sampling_parameters_are_honoured(serve_app):
     assert cut.choices[0].message.content == text[: text.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
     # seed: the same seed gives the same sample
-    a, b = (c.chat.completions.create(**text_request("Tell me a story.", max_tokens=16, temperature=1.0, top_p=0.9,
-                                                     seed=1234)).choices[0].message.content for _ in range(2))  # fmt: skip
+    a, b = (
+        c.chat.completions.create(
+            **text_request("Tell me a story.", max_tokens=16, temperature=1.0, top_p=0.9, seed=1234)
+        )
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    )
     assert a == b
     # ignore_eos (extension): exactly max_tokens
     exact = c.chat.completions.create(**text_request("Hi", max_tokens=40), extra_body={"ignore_eos": True})
     assert exact.usage.completion_tokens == 40 and exact.choices[0].finish_reason == "length"
 
 
-# ---- client errors ------------------------------------------------------------------------------------------------------
+# ---- client errors ---------------------------------------------------------------------------------------------------
 def _png_of(width: int, height: int) -> bytes:
     import io
 
@@ -192,11 +219,17 @@ ERROR_CASES = {
     "wrong_role": (text_request() | {"messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_role"),
     "tool_role": (text_request() | {"messages": [{"role": "tool", "content": "hi"}]}, 400, "invalid_role"),
     "no_messages": (text_request() | {"messages": []}, 400, "invalid_request"),
-    "missing_image": ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
-                      "invalid_request"),
+    "missing_image": (
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        "invalid_request",
+    ),
     "empty_image_url": (_image_req(""), 400, "invalid_request"),
-    "unknown_part_type": ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "video"}]}]}, 400,
-                          "invalid_request"),
+    "unknown_part_type": (
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "video"}]}]},
+        400,
+        "invalid_request",
+    ),
     "file_scheme": (_image_req("file:///etc/passwd"), 400, "unsupported_image_url"),
     "ftp_scheme": (_image_req("ftp://example.com/page.png"), 400, "unsupported_image_url"),
     "http_off_by_default": (_image_req("http://127.0.0.1:9/page.png"), 400, "unsupported_image_url"),
@@ -206,12 +239,43 @@ ERROR_CASES = {
     "oversized_image": (_image_req(data_url(noise_png(400))), 413, "image_too_large"),
     "decompression_bomb": (_image_req(data_url(bomb_png(60000, 60000))), 400, "image_too_many_pixels"),
     "over_megapixels": (_image_req(data_url(bomb_png(8000, 6000))), 400, "image_too_many_pixels"),
-    "too_many_images": ({"model": MODEL, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(_png_of(64, 64))}}] * 5}]}, 400, "too_many_images"),
-    "too_many_windows": ({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(_png_of(1800, 1800))}}] * 3}]}, 400, "too_many_windows"),
-    "image_in_system_message": ({"model": MODEL, "messages": [{"role": "system", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(_png_of(64, 64))}}]}]}, 400, "invalid_request"),
+    "too_many_images": (
+        {
+            "model": MODEL,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": data_url(_png_of(64, 64))}}] * 5,
+                }
+            ],
+        },
+        400,
+        "too_many_images",
+    ),
+    "too_many_windows": (
+        {
+            "model": MODEL,
+            "max_tokens": 4,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image_url", "image_url": {"url": data_url(_png_of(1800, 1800))}}] * 3,
+                }
+            ],
+        },
+        400,
+        "too_many_windows",
+    ),
+    "image_in_system_message": (
+        {
+            "model": MODEL,
+            "messages": [
+                {"role": "system", "content": [{"type": "image_url", "image_url": {"url": data_url(_png_of(64, 64))}}]}
+            ],
+        },
+        400,
+        "invalid_request",
+    ),
     "max_tokens_over_limit": (text_request(max_tokens=5000), 400, "max_tokens_too_large"),
     "max_tokens_zero": (text_request(max_tokens=0), 400, "invalid_request"),
     "temperature_out_of_range": (text_request(temperature=7), 400, "invalid_request"),
@@ -268,7 +332,7 @@ def test_unknown_route_is_an_openai_404(serve_app):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
-# ---- backpressure -------------------------------------------------------------------------------------------------------
+# ---- backpressure ----------------------------------------------------------------------------------------------------
 def _async_client(app) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=app.base + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
 
@@ -297,8 +361,13 @@ def test_full_model_queue_answers_503_with_retry_after_and_disconnects_abort(ser
         started: list = []
 
         async def hold():
-            stream = await client.chat.completions.create(model=MODEL, messages=image_message(page, "Transcribe."),
-                                                          max_tokens=800, stream=True, extra_body={"ignore_eos": True})
+            stream = await client.chat.completions.create(
+                model=MODEL,
+                messages=image_message(page, "Transcribe."),
+                max_tokens=800,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
             started.append(stream)
             async for _ in stream:
                 pass
@@ -313,11 +382,15 @@ def test_full_model_queue_answers_503_with_retry_after_and_disconnects_abort(ser
                 queued.append(asyncio.create_task(hold()))
                 await asyncio.sleep(0.1)
             await asyncio.sleep(1.0)  # they reach the ingress's handle queue (and stay there: the replica is full)
-            assert len(started) == MODEL_ONGOING and not any(t.done() for t in running + queued), \
-                [t.exception() for t in running + queued if t.done()]
+            assert len(started) == MODEL_ONGOING and not any(t.done() for t in running + queued), [
+                t.exception() for t in running + queued if t.done()
+            ]
             async with httpx.AsyncClient(timeout=30) as h:
-                r = await h.post(serve_app.base + "/v1/chat/completions", json=text_request(max_tokens=2),
-                                 headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
+                r = await h.post(
+                    serve_app.base + "/v1/chat/completions",
+                    json=text_request(max_tokens=2),
+                    headers={"Authorization": f"Bearer {API_KEY}"},
+                )
             assert r.status_code == 503, r.text
             assert int(r.headers["retry-after"]) >= 1
             assert r.json()["error"]["code"] == "overloaded"
@@ -376,23 +449,36 @@ def test_64_clients_twice_get_200_or_503_with_retry_after(serve_app):
     assert httpx.get(serve_app.base + "/ready", timeout=30).status_code == 200
     status = serve.status().applications[serve_app.name]
     assert status.status == "RUNNING"
-    assert {d: s.status for d, s in status.deployments.items()} == {"InfimmModel": "HEALTHY", "OpenAIIngress": "HEALTHY"}
+    assert {d: s.status for d, s in status.deployments.items()} == {
+        "InfimmModel": "HEALTHY",
+        "OpenAIIngress": "HEALTHY",
+    }
     assert serve_app.client.chat.completions.create(**text_request(max_tokens=3)).usage.completion_tokens >= 1
 
 
-# ---- metrics ------------------------------------------------------------------------------------------------------------
+# ---- metrics ---------------------------------------------------------------------------------------------------------
 def test_serve_and_infimm_metrics_in_prometheus_text(serve_app, ray_metrics_port):
     """Serve's built-in metrics and ours (model/metrics.py) come out of Ray's metrics export port."""
     post(serve_app, b"{not json")  # at least one rejection, one success
     serve_app.client.chat.completions.create(**text_request(max_tokens=3))
-    wanted = {"ray_serve_num_http_requests_total", "ray_serve_deployment_request_counter_total",
-              "ray_infimm_requests_total", "ray_infimm_rejected_requests_total", "ray_infimm_ongoing_requests",
-              "ray_infimm_prompt_tokens_total", "ray_infimm_decode_step_seconds_bucket",
-              "ray_infimm_request_latency_seconds_bucket"}  # fmt: skip
+    wanted = {
+        "ray_serve_num_http_requests_total",
+        "ray_serve_deployment_request_counter_total",
+        "ray_infimm_requests_total",
+        "ray_infimm_rejected_requests_total",
+        "ray_infimm_ongoing_requests",
+        "ray_infimm_prompt_tokens_total",
+        "ray_infimm_decode_step_seconds_bucket",
+        "ray_infimm_request_latency_seconds_bucket",
+    }
 
     def ready():
         samples = scrape(ray_metrics_port, wanted)
-        return samples if samples and _count(samples, "ray_infimm_rejected_requests_total", reason="invalid_json") else None
+        return (
+            samples
+            if samples and _count(samples, "ray_infimm_rejected_requests_total", reason="invalid_json")
+            else None
+        )
 
     samples = wait_for(ready, 60, 2.0, "metrics exported")
     assert _count(samples, "ray_infimm_requests_total", frontend="serve", finish_reason="length") >= 1

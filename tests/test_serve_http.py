@@ -79,13 +79,19 @@ def stack(tiny_checkpoint, image_host):
         settings = FrontendSettings(model_name=MODEL, limits=limits, request_timeout_s=timeout, retry_after_s=3)
         return Frontend(client, ImageFetcher(policy), settings, metrics)
 
-    with run_asgi(make_api(frontend(120, ("127.0.0.1",))), free_port()) as main, \
-         run_asgi(make_api(frontend(2, ())), free_port()) as short:  # fmt: skip
+    with (
+        run_asgi(make_api(frontend(120, ("127.0.0.1",))), free_port()) as main,
+        run_asgi(make_api(frontend(2, ())), free_port()) as short,
+    ):
         yield SimpleNamespace(
-            main=main, short=short, server=server, registry=registry, image_host=image_host,
+            main=main,
+            short=short,
+            server=server,
+            registry=registry,
+            image_host=image_host,
             client=openai.OpenAI(base_url=main + "/v1", api_key="unused", max_retries=0, timeout=120),
             short_client=openai.OpenAI(base_url=short + "/v1", api_key="unused", max_retries=0, timeout=60),
-        )  # fmt: skip
+        )
     server.shutdown()
 
 
@@ -100,13 +106,21 @@ def engine_idle(stack) -> bool:
 
 def long_request(**extra) -> dict:
     """A page question that runs for many seconds on the CPU (800 tokens, each attending to the page's views)."""
-    return {"model": MODEL, "messages": image_message(data_url(page_png(900, 1300)), "Transcribe."),
-            "max_tokens": 800, "extra_body": {"ignore_eos": True}, **extra}  # fmt: skip
+    return {
+        "model": MODEL,
+        "messages": image_message(data_url(page_png(900, 1300)), "Transcribe."),
+        "max_tokens": 800,
+        "extra_body": {"ignore_eos": True},
+        **extra,
+    }
 
 
 def test_no_api_key_configured_means_no_auth(stack):
-    r = httpx.post(stack.main + "/v1/chat/completions", timeout=60,
-                   json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})  # fmt: skip
+    r = httpx.post(
+        stack.main + "/v1/chat/completions",
+        timeout=60,
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+    )
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1
 
@@ -115,16 +129,20 @@ def test_http_image_from_an_allowed_host(stack):
     url = f"http://127.0.0.1:{stack.image_host.port}/page.png"
     via_http = stack.client.chat.completions.create(model=MODEL, messages=image_message(url, "Read."), max_tokens=8)
     via_data = stack.client.chat.completions.create(
-        model=MODEL, messages=image_message(data_url(stack.image_host.files["/page.png"]), "Read."), max_tokens=8)
+        model=MODEL, messages=image_message(data_url(stack.image_host.files["/page.png"]), "Read."), max_tokens=8
+    )
     assert via_http.choices[0].message.content == via_data.choices[0].message.content
 
 
-@pytest.mark.parametrize("path, host, status, code", [
-    ("/page.png", "localhost", 400, "image_host_not_allowed"),  # same server, but not the allowed name
-    ("/redirect", "127.0.0.1", 400, "image_fetch_failed"),  # redirects are not followed
-    ("/nothing.png", "127.0.0.1", 400, "image_not_found"),
-    ("/big.png", "127.0.0.1", 413, "image_too_large"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "path, host, status, code",
+    [
+        ("/page.png", "localhost", 400, "image_host_not_allowed"),  # same server, but not the allowed name
+        ("/redirect", "127.0.0.1", 400, "image_fetch_failed"),  # redirects are not followed
+        ("/nothing.png", "127.0.0.1", 400, "image_not_found"),
+        ("/big.png", "127.0.0.1", 413, "image_too_large"),
+    ],
+)
 def test_http_image_refusals(stack, path, host, status, code):
     url = f"http://{host}:{stack.image_host.port}{path}"
     with pytest.raises(openai.APIStatusError) as e:
@@ -174,8 +192,10 @@ def test_full_engine_queue_answers_503_with_retry_after(stack):
             tasks.append(asyncio.create_task(hold()))
             await until(lambda: stack.server.stats()["waiting"] == 1, "second request waiting")
             async with httpx.AsyncClient(timeout=30) as h:
-                r = await h.post(stack.main + "/v1/chat/completions",
-                                 json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]})  # fmt: skip
+                r = await h.post(
+                    stack.main + "/v1/chat/completions",
+                    json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]},
+                )
             assert r.status_code == 503, r.text
             assert r.headers["retry-after"] == "3"
             assert r.json()["error"]["code"] == "engine_queue_full"

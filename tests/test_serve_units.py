@@ -1,4 +1,4 @@
-"""Online-service pieces that need neither Ray running nor a model: the Serve config, request parsing, image URLs, CLI."""
+"""Online-service pieces that need neither Ray running nor a model: Serve config, request parsing, image URLs, CLI."""
 
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ def test_serve_yaml_is_a_serve_config_for_this_app():
     model = deployments[MODEL_DEPLOYMENT]
     assert model["ray_actor_options"]["num_gpus"] == 1
     auto = model["autoscaling_config"]
-    assert {"min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"} <= set(auto)
+    assert {"min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s"} <= set(
+        auto
+    )
     assert auto["min_replicas"] <= auto["max_replicas"]
     for d in deployments.values():
         assert d["max_ongoing_requests"] >= 1 and d["max_queued_requests"] >= 1
@@ -51,24 +53,38 @@ def test_application_from_the_yaml_builds_with_overrides():
 
     from deployments.config import application_from_config
 
-    app, name, prefix, http = application_from_config(load_serve_config(SERVE_YAML), {"max_slots": 2},
-                                                      {MODEL_DEPLOYMENT: {"ray_actor_options": {"num_gpus": 0}}})
+    app, name, prefix, http = application_from_config(
+        load_serve_config(SERVE_YAML), {"max_slots": 2}, {MODEL_DEPLOYMENT: {"ray_actor_options": {"num_gpus": 0}}}
+    )
     assert isinstance(app, Application) and (name, prefix) == ("infimm-hd", "/")
     assert http["port"] == 8000
     with pytest.raises(ValueError, match="unknown deployments"):
         application_from_config(load_serve_config(SERVE_YAML), {}, {"Typo": {}})
 
 
-# ---- request parsing ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("body, param, code", [
-    (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
-     "messages[0].content[0].image_url", "invalid_request"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
-     "messages[0].content[0].image_url.url", "invalid_request"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "function", "content": "x"}]}',
-     "messages[1].role", "invalid_role"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}', "top_p", "invalid_request"),
-], ids=["no_image_url", "no_url", "function_role", "top_p_zero"])  # fmt: skip
+# ---- request parsing -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "body, param, code",
+    [
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+            "messages[0].content[0].image_url",
+            "invalid_request",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
+            "messages[0].content[0].image_url.url",
+            "invalid_request",
+        ),
+        (
+            b'{"model": "m", "messages": [{"role": "user", "content": "hi"}, {"role": "function", "content": "x"}]}',
+            "messages[1].role",
+            "invalid_role",
+        ),
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "top_p": 0}', "top_p", "invalid_request"),
+    ],
+    ids=["no_image_url", "no_url", "function_role", "top_p_zero"],
+)
 def test_parse_errors_name_the_field(body, param, code):
     with pytest.raises(APIError) as e:
         parse_request(body)
@@ -80,11 +96,12 @@ def test_string_content_and_parts_parse_the_same():
     a = parse_request(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
     b = parse_request(b'{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}')
     assert a.messages == b.messages
-    assert parse_request(b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": "END"}').stop_list == [
-        "END"]  # fmt: skip
+    assert parse_request(
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "stop": "END"}'
+    ).stop_list == ["END"]
 
 
-# ---- image URLs -----------------------------------------------------------------------------------------------------------
+# ---- image URLs ------------------------------------------------------------------------------------------------------
 def test_data_urls():
     raw = bytes(range(256)) * 10
     b64 = base64.b64encode(raw).decode()
@@ -102,21 +119,24 @@ def test_data_urls():
         assert (e.value.status, e.value.code) == (status, code), url
 
 
-@pytest.mark.parametrize("url, allowed", [
-    ("https://docs.example.com/a.png", True),
-    ("https://DOCS.example.com/a.png", True),
-    ("http://127.0.0.1:8080/a.png", True),  # host:port entry
-    ("http://127.0.0.1:9090/a.png", False),
-    ("https://docs.example.com.evil.net/a.png", False),
-    ("https://docs.example.com@evil.net/a.png", False),  # userinfo trick: the host is evil.net
-    ("https://evil.net/?u=docs.example.com", False),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "url, allowed",
+    [
+        ("https://docs.example.com/a.png", True),
+        ("https://DOCS.example.com/a.png", True),
+        ("http://127.0.0.1:8080/a.png", True),  # host:port entry
+        ("http://127.0.0.1:9090/a.png", False),
+        ("https://docs.example.com.evil.net/a.png", False),
+        ("https://docs.example.com@evil.net/a.png", False),  # userinfo trick: the host is evil.net
+        ("https://evil.net/?u=docs.example.com", False),
+    ],
+)
 def test_http_allow_list_matches_hosts_exactly(url, allowed):
     fetcher = ImageFetcher(ImagePolicy(1000, WindowConfig(), allowed_http_hosts=("docs.example.com", "127.0.0.1:8080")))
     assert fetcher.host_allowed(url) is allowed
 
 
-# ---- CLI ------------------------------------------------------------------------------------------------------------------
+# ---- CLI -------------------------------------------------------------------------------------------------------------
 def test_cli_registers_serve_with_loopback_defaults():
     from deployments.cli import plan
     from model.cli import build_parser

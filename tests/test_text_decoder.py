@@ -17,11 +17,22 @@ transformers = pytest.importorskip("transformers")
 def hf_llama(model: InfiMMHD):
     t = model.config.text
     hf_cfg = transformers.LlamaConfig(
-        vocab_size=t.vocab_size, hidden_size=t.hidden, intermediate_size=t.intermediate, num_hidden_layers=t.layers,
-        num_attention_heads=t.heads, num_key_value_heads=t.kv_heads, rms_norm_eps=t.rms_eps, rope_theta=t.rope_theta,
-        max_position_embeddings=t.max_positions, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=t.vocab_size,
+        hidden_size=t.hidden,
+        intermediate_size=t.intermediate,
+        num_hidden_layers=t.layers,
+        num_attention_heads=t.heads,
+        num_key_value_heads=t.kv_heads,
+        rms_norm_eps=t.rms_eps,
+        rope_theta=t.rope_theta,
+        max_position_embeddings=t.max_positions,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     prefix = "model.lang_encoder."
     state = {}
@@ -67,8 +78,15 @@ def test_greedy_generation_matches_transformers_with_left_padding(pair):
     ids[1], mask[1] = b, 1
     ours = model.generate(ids, mask, None, max_new_tokens=10, stop_token_ids=[])
     with torch.no_grad():
-        theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False,
-                             pad_token_id=0, eos_token_id=None)[:, 12:]  # fmt: skip
+        theirs = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=10,
+            min_new_tokens=10,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )[:, 12:]
     assert ours.tolist() == theirs.tolist()
 
 
@@ -84,4 +102,6 @@ def test_sdpa_and_reference_attention_agree(causal):
     assert (fast - ref).abs().max() < 1e-5
     # grouped-query attention: 4 query heads share 2 key/value heads
     kv = torch.randn(2, 2, 9, 16, generator=g)
-    assert (attention(q, kv, kv) - attention(q, kv.repeat_interleave(2, 1), kv.repeat_interleave(2, 1))).abs().max() < 1e-6
+    assert (
+        attention(q, kv, kv) - attention(q, kv.repeat_interleave(2, 1), kv.repeat_interleave(2, 1))
+    ).abs().max() < 1e-6

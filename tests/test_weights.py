@@ -1,4 +1,4 @@
-"""Checkpoint loading (official layout, pickle and safetensors, sharded, aliases, bare Flamingo), conversion, reports."""
+"""Checkpoint loading (official layout, pickle and safetensors, sharded, aliases, bare Flamingo), conversion."""
 
 from __future__ import annotations
 
