@@ -10,10 +10,14 @@ setup: .setup-stamp
 	@touch $@
 
 demo: setup
-	$(PY) -m pipelines.demo
+	$(PY) -m demo
 
 test: setup
 	$(PY) -m pytest -q -ra
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: setup
 	$(PY) benchmarks/engine_cpu.py

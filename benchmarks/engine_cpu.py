@@ -18,10 +18,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from benchmarks.common import document_page, emit, environment  # noqa: E402
-from model.cli import default_tiny_checkpoint  # noqa: E402
 from model.engine import Engine, EngineConfig  # noqa: E402
 from model.sampling import SamplingParams  # noqa: E402
 from model.windows import normalize_views, prepare_image  # noqa: E402
+from runtime.checkpoints import default_tiny_checkpoint  # noqa: E402
 
 PROMPT = "Transcribe the text of this document page exactly, keeping the reading order."
 
@@ -44,7 +44,7 @@ def through_engine(engine: Engine, pages: list[bytes], new_tokens: int) -> float
     sampling = SamplingParams(max_new_tokens=new_tokens, stop_token_ids=())
     requests = [engine.make_request(PROMPT, [data], sampling) for data in pages]  # decode + cut windows included
     results = engine.generate(requests)
-    assert all(r.completion_tokens == new_tokens for r in results)
+    assert all(r.completion_tokens == new_tokens for r in results), "every request must run to max_new_tokens"
     return time.perf_counter() - t0
 
 

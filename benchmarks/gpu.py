@@ -10,7 +10,7 @@ Measures, in one run on one device: the card name, the bf16 matmul ceiling and t
 ViT TFLOP/s on 40 views, decode ms/token at batch 1 against its bandwidth floor, and the standard transcription job
 (1344x1344 page = thumbnail + 3x3 windows, 48-token prompt, 256 new tokens forced) in pages/s at batch 8, 32 and 64.
 Correctness checks run on the same device first: golden parity in fp32 and CUDA-graph decode == eager decode.
-Compare with ../shared/reference/gpu-baseline.md (official code, H200: 0.45 pages/s on the standard job).
+Compare with benchmarks/gpu_baseline.md (official code, H200: 0.45 pages/s on the standard job).
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def main(argv=None) -> dict:
                 t0 = time.perf_counter()
                 out = eng.generate(reqs)
                 dt = time.perf_counter() - t0
-                assert all(r.completion_tokens == args.new_tokens for r in out)
+                assert all(r.completion_tokens == args.new_tokens for r in out), "forced length not reached"
                 waves.append(
                     {
                         "seconds": dt,

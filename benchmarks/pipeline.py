@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is imported
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from runtime.local_ray import prepare_local_env  # noqa: E402
+
+prepare_local_env()  # a script that starts its own local Ray; before Ray is imported
 
 import torch  # noqa: E402
 
@@ -120,7 +121,7 @@ def main(argv=None) -> dict:
 
     import ray
 
-    from model.cli import default_tiny_checkpoint
+    from runtime.checkpoints import default_tiny_checkpoint
 
     torch.set_num_threads(args.threads)
     checkpoint = str(args.checkpoint or default_tiny_checkpoint())

@@ -23,8 +23,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is imported
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from runtime.local_ray import prepare_local_env  # noqa: E402
+
+prepare_local_env()  # a script that starts its own local Ray; before Ray is imported
 
 from benchmarks.common import document_page, emit, environment  # noqa: E402
 
@@ -184,7 +185,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="torch threads of the engine (both sides)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    from model.cli import default_tiny_checkpoint
+    from runtime.checkpoints import default_tiny_checkpoint
 
     checkpoint = args.checkpoint or default_tiny_checkpoint()
     pages = [document_page(args.size, args.size, seed=i) for i in range(args.pages)]

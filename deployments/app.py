@@ -18,20 +18,19 @@ refilled at once.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import os
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before Ray is imported: keep Ray on loopback
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
 
-from ray import serve  # noqa: E402
-from ray.serve import Application  # noqa: E402
-from ray.serve.handle import DeploymentHandle  # noqa: E402
-
-from .config import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, ServeArgs  # noqa: E402
-from .engine_server import EngineServer, GenerationPayload  # noqa: E402
-from .frontend import Frontend, FrontendSettings, make_api  # noqa: E402
-from .images import ImageFetcher, ImagePolicy  # noqa: E402
-from .schemas import APIError  # noqa: E402
+from .config import IMPORT_PATH, INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, ServeArgs
+from .engine_server import EngineServer, GenerationPayload
+from .frontend import Frontend, FrontendSettings, make_api
+from .images import ImageFetcher, ImagePolicy
+from .schemas import APIError
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +39,9 @@ def load_engine(a: ServeArgs, observer=None):
     """The engine a model replica owns (the batch pipeline's engine, with the same WindowConfig defaults)."""
     import torch
 
-    from model.cli import RANDOM_BANNER, default_tiny_checkpoint
     from model.config import InfiMMHDConfig
     from model.engine import Engine, EngineConfig
+    from runtime.checkpoints import RANDOM_BANNER, default_tiny_checkpoint
 
     checkpoint = a.checkpoint
     if not checkpoint:
@@ -67,7 +66,7 @@ def load_engine(a: ServeArgs, observer=None):
 def _metrics(a: ServeArgs):
     if not a.metrics:
         return None
-    from model.metrics import Metrics
+    from runtime.metrics import Metrics
 
     return Metrics(frontend="serve")
 
@@ -205,3 +204,41 @@ def compose(args: ServeArgs, options: dict[str, dict] | None = None) -> Applicat
 def build_app(args: dict) -> Application:
     """The builder `serve run deployments.app:build_app key=value ...` and infra/serve.yaml point at."""
     return compose(ServeArgs.model_validate(args or {}))
+
+
+# ---- Serve config files ----------------------------------------------------------------------------------------------
+def _merge(base: dict, overrides: dict) -> dict:
+    """Overrides win; dict values (ray_actor_options, autoscaling_config, limits) merge one level deeper."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def application_from_config(config: dict, args: dict | None = None, deployments: dict[str, dict] | None = None):
+    """The InfiMM-HD app of a Serve config dict as an Application, with `args` and per-deployment option overrides
+    merged in (as `serve deploy` applies the file's `deployments:` block over the code's defaults).
+
+    Returns (application, app_name, route_prefix, http_options)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    apps = [a for a in schema.applications if a.import_path == IMPORT_PATH]
+    if len(apps) != 1:
+        raise ValueError(f"expected one application with import_path {IMPORT_PATH!r} in the config, found {len(apps)}")
+    app = apps[0]
+    merged_args = _merge(app.args or {}, args or {})
+    options = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app.deployments}
+    for name, extra in (deployments or {}).items():
+        options[name] = _merge(options.get(name, {}), extra)
+    unknown = set(options) - {MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT}
+    if unknown:
+        raise ValueError(
+            f"config names unknown deployments {sorted(unknown)}; this app has "
+            f"{MODEL_DEPLOYMENT} and {INGRESS_DEPLOYMENT}"
+        )
+    http = schema.http_options.model_dump(exclude_unset=True)
+    return compose(ServeArgs.model_validate(merged_args), options), app.name, app.route_prefix, http

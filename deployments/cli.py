@@ -15,6 +15,8 @@ import os
 import sys
 import time
 
+from runtime.local_ray import prepare_local_env
+
 log = logging.getLogger(__name__)
 
 
@@ -62,8 +64,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 def plan(args: argparse.Namespace, gpus: float):
     """(application, app name, route prefix, http options) for these flags; no Ray started."""
-    from .app import compose
-    from .config import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, ServeArgs, application_from_config, load_serve_config
+    from .app import application_from_config, compose
+    from .config import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, ServeArgs, load_serve_config
 
     app_args = {"checkpoint": args.checkpoint, "api_key_env": args.api_key_env}
     if args.model_name:
@@ -89,8 +91,9 @@ def plan(args: argparse.Namespace, gpus: float):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # before `import ray`: keep Ray on loopback
-    from model.cli import resolve_checkpoint
+    local = args.ray_address is None and not os.environ.get("RAY_ADDRESS")
+    env = prepare_local_env() if local else {}  # before `import ray`: a local Ray stays on loopback
+    from runtime.checkpoints import resolve_checkpoint
 
     args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # prints the RANDOM-weights banner when none is given
     if args.num_gpus is None:
@@ -106,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         init = {
             "address": args.ray_address,
             "include_dashboard": False,
-            "runtime_env": {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}},
+            "runtime_env": {"env_vars": env},
         }
         if args.ray_address is None:
             # Logical CPUs are scheduling tokens: enough for the config's replicas (infra/serve.yaml asks 4 + 2) even

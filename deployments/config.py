@@ -1,18 +1,18 @@
 """Settings of the online service: the builder's `args` (from `infra/serve.yaml` or `infimm-hd serve`) and the limits.
 
 `ServeArgs` is plain data handed to both deployments; each takes what it needs. Unknown keys are refused so a typo in
-the YAML fails the deploy instead of being ignored. `application_from_config` turns a Serve config file (the same one
-`serve run` / `serve deploy` read) into an Application, so the CLI and the tests deploy exactly that file.
+the YAML fails the deploy instead of being ignored. Plain data only: `deployments.app.application_from_config` turns a
+Serve config file (the same one `serve run` / `serve deploy` read) into an Application, so the CLI and the tests deploy
+exactly that file.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# The import path that infra/serve.yaml points at; `application_from_config` only builds this app.
+# The import path that infra/serve.yaml points at; `app.application_from_config` only builds this app.
 IMPORT_PATH = "deployments.app:build_app"
 MODEL_DEPLOYMENT = "InfimmModel"
 INGRESS_DEPLOYMENT = "OpenAIIngress"
@@ -81,42 +81,3 @@ def load_serve_config(path: str | Path) -> dict:
     config = yaml.safe_load(Path(path).read_text())
     ServeDeploySchema.model_validate(config)
     return config
-
-
-def _merge(base: dict, overrides: dict) -> dict:
-    """Overrides win; dict values (ray_actor_options, autoscaling_config, limits) merge one level deeper."""
-    out = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = {**out[key], **value}
-        else:
-            out[key] = value
-    return out
-
-
-def application_from_config(config: dict, args: dict | None = None, deployments: dict[str, dict] | None = None):
-    """The InfiMM-HD app of a Serve config dict as an Application, with `args` and per-deployment option overrides
-    merged in (as `serve deploy` applies the file's `deployments:` block over the code's defaults).
-
-    Returns (application, app_name, route_prefix, http_options)."""
-    from ray.serve.schema import ServeDeploySchema
-
-    from .app import compose
-
-    schema = ServeDeploySchema.model_validate(config)
-    apps = [a for a in schema.applications if a.import_path == IMPORT_PATH]
-    if len(apps) != 1:
-        raise ValueError(f"expected one application with import_path {IMPORT_PATH!r} in the config, found {len(apps)}")
-    app = apps[0]
-    merged_args = _merge(app.args or {}, args or {})
-    options = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app.deployments}
-    for name, extra in (deployments or {}).items():
-        options[name] = _merge(options.get(name, {}), extra)
-    unknown = set(options) - {MODEL_DEPLOYMENT, INGRESS_DEPLOYMENT}
-    if unknown:
-        raise ValueError(
-            f"config names unknown deployments {sorted(unknown)}; this app has "
-            f"{MODEL_DEPLOYMENT} and {INGRESS_DEPLOYMENT}"
-        )
-    http = schema.http_options.model_dump(exclude_unset=True)
-    return compose(ServeArgs.model_validate(merged_args), options), app.name, app.route_prefix, http

@@ -6,7 +6,7 @@
 Sources of truth:
 * infra/serve.yaml             -> embedded verbatim as spec.serveConfigV2 of the RayService
 * infra/kuberay/raycluster.yaml -> its spec is the cluster of the RayService and of the RayJob
-* PANELS below                 -> the Grafana dashboard (metric names from model/metrics.py)
+* PANELS below                 -> the Grafana dashboard (metric names from runtime/metrics.py)
 """
 
 from __future__ import annotations

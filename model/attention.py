@@ -2,7 +2,7 @@
 
 Legend: B batch, H query heads, Hkv key/value heads, Tq queries, Tk keys, Dh head width.
 Scale is Dh**-0.5 everywhere (the official ViT, Llama and cross-attention all use it).
-`tests/test_attention.py` checks that both paths agree.
+`tests/test_text_decoder.py::test_sdpa_and_reference_attention_agree` checks that both paths agree.
 """
 
 from __future__ import annotations

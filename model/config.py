@@ -227,7 +227,7 @@ class InfiMMHDConfig:
 
 PRESETS: dict[str, InfiMMHDConfig] = {
     "infimm-hd-13b": InfiMMHDConfig(),
-    # Small enough for CPU tests and demos: the shapes of the golden vectors' model (../shared/golden/config.json)
+    # Small enough for CPU tests and demos: the shapes of the golden vectors' model (tests/data/golden/config.json)
     # except the cross-attention width (4 x 16 instead of the official 12 x 64: at the official width the media keys
     # and values are 24x the size of this decoder and dominate every CPU run), with the vocabulary of the tiny
     # tokenizer that `weights.make_tiny_checkpoint` builds.

@@ -7,7 +7,7 @@ One engine serves both front ends:
 * `Engine.stream(request)`: async iterator of text deltas, for Ray Serve (a background thread runs the loop).
 
 Each loop step: admit waiting requests into free slots -> encode the pages they need (views of all of them through the
-ViT together, in chunks of `vit_batch_views`; pages already in the feature cache, keyed by content hash, are skipped)
+ViT together, in chunks of `vit_batch_views`; pages already in the feature cache (by `PageViews.cache_key`) are skipped)
 -> prefill them in one batch (prompt KV written to their slots, the last image's cross-attention K/V stored in the
 slot's media buffer) -> one decode step for every active slot -> sample, detokenize, stop, free finished slots.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import hashlib
 import itertools
 import logging
 import threading
@@ -50,7 +49,7 @@ class EngineConfig:
     max_views: int | None = None  # views of the image a slot keeps for decoding; None: the processor's max_windows + 1
     vit_batch_views: int = 32  # views per ViT forward (bounds activation memory)
     max_prefill_batch: int = 8  # requests admitted and prefilled together (bounds transient media K/V memory)
-    feature_cache_mb: int = 1024  # LRU of encoded pages by content hash
+    feature_cache_mb: int = 1024  # LRU of encoded pages by `PageViews.cache_key`
     cuda_graphs: bool = True  # capture decode steps on CUDA (ignored on CPU)
     kv_bucket: int = 128  # decode attends to a multiple of this many columns (bounds graph variants)
 
@@ -107,7 +106,7 @@ class Delta:
 
 
 class EngineObserver:
-    """Hooks for metrics; the default records nothing. See model/metrics.py for the Prometheus one."""
+    """Hooks for metrics; the default records nothing. See runtime/metrics.py for the Prometheus one."""
 
     def on_encode(self, views: int, seconds: float) -> None: ...
     def on_prefill(self, requests: int, tokens: int, seconds: float) -> None: ...
@@ -138,7 +137,7 @@ class _Seq:
 
 
 class FeatureCache:
-    """Encoded pages (ViT features with the window encoding added) by content hash, LRU, bounded in bytes."""
+    """Encoded pages (ViT features with the window encoding added) by `PageViews.cache_key`, LRU, bounded in bytes."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -164,16 +163,6 @@ class FeatureCache:
         while self.bytes > self.max_bytes:
             _, old = self.items.popitem(last=False)
             self.bytes -= old.numel() * old.element_size()
-
-
-def content_key(page: PageViews) -> str:
-    """Hash of the views and grid: the same page cut the same way gives the same key."""
-    if getattr(page, "key", None):
-        return page.key
-    h = hashlib.blake2b(page.views.contiguous().numpy().tobytes(), digest_size=16)
-    h.update(f"{page.rows}x{page.cols}".encode())
-    page.key = h.hexdigest()
-    return page.key
 
 
 class Engine:
@@ -469,7 +458,7 @@ class Engine:
             for page in seq.request.images:
                 if isinstance(page, EncodedImage):
                     continue
-                key = content_key(page)
+                key = page.cache_key
                 if self.features.get(key) is None and key not in todo:
                     todo[key] = page
         encoded: dict[str, torch.Tensor] = {}
@@ -502,7 +491,7 @@ class Engine:
                 if isinstance(page, EncodedImage):
                     seq.media.append(page.features.to(self.device, self.dtype))
                     continue
-                key = content_key(page)
+                key = page.cache_key
                 if key in encoded and key not in charged:  # the first request asking for a page pays its encode
                     charged.add(key)
                     seq.timings.encode_s = seconds
@@ -579,7 +568,10 @@ class Engine:
         if self._graphs is not None:
             try:
                 logits = self._graphs.run(n, kv_len, m, tokens, positions)
-            except RuntimeError:  # capture failed (driver, kernel or memory): keep serving, eagerly
+            except torch.cuda.OutOfMemoryError:  # this size does not fit right now: one eager step, graphs kept
+                log.warning("no memory for a CUDA graph of %d slots x %d keys: this step runs eagerly", n, kv_len)
+                torch.cuda.empty_cache()
+            except RuntimeError:  # capture itself failed (driver, kernel): keep serving, eagerly
                 log.exception("CUDA graph capture failed; decoding without CUDA graphs from now on")
                 self._graphs = None
         if logits is None:

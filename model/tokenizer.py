@@ -71,7 +71,9 @@ def build_tiny_tokenizer(base_vocab: int = 510):
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
-    assert tok.token_to_id(EOC_TOKEN) == base_vocab and tok.token_to_id(IMAGE_TOKEN) == base_vocab + 1
+    assert tok.token_to_id(EOC_TOKEN) == base_vocab and tok.token_to_id(IMAGE_TOKEN) == base_vocab + 1, (
+        "the special tokens must follow the base vocabulary, as in the official tokenizer"
+    )
     return tok
 
 

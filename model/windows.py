@@ -15,6 +15,7 @@ The 2-D sinusoidal window encoding `[table(col) | table(row)]` is added after th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -65,11 +66,28 @@ class PageViews:
     cols: int
     width: int  # of the oriented source image
     height: int
-    key: str | None = None  # content hash, filled in by the engine (feature cache key)
+    key: str | None = None  # feature-cache key from `feature_key` (set by whoever knows the page's source)
 
     @property
     def n_views(self) -> int:
         return self.views.shape[0]
+
+    @functools.cached_property
+    def cache_key(self) -> str:
+        """The engine's feature-cache key: `key` when the source gave one, else a hash of the views and grid
+        (computed once per PageViews; ~3-10 MB hashed, so sources that can name the page should)."""
+        if self.key:
+            return self.key
+        return feature_key(self.views.contiguous().numpy().tobytes() + f"{self.rows}x{self.cols}".encode())
+
+
+def feature_key(source: bytes | str, cfg: WindowConfig | None = None) -> str:
+    """The one definition of a page's feature-cache key: a hash of what identifies its pixels (a file's bytes; a name
+    unique to the page, like a batch job's `doc#page`; or the views themselves) and the window settings that cut it.
+    Equal keys must mean equal views: the engine reuses ViT features by key."""
+    h = hashlib.blake2b(source if isinstance(source, bytes) else source.encode(), digest_size=16)
+    h.update(repr(cfg).encode())
+    return h.hexdigest()
 
 
 # ---- decoding ------------------------------------------------------------------------------------------------------
@@ -191,14 +209,12 @@ def cut_views(img: Image.Image, cfg: WindowConfig = WindowConfig()) -> PageViews
 def prepare_image(data: bytes | Image.Image, cfg: WindowConfig = WindowConfig()) -> PageViews:
     """bytes or PIL image -> PageViews. Raises ImageError with a clear message for unusable input.
 
-    For bytes the content key (the engine's feature-cache key) is a hash of the file and the window settings, far
-    cheaper than hashing the cut views; other inputs are hashed by the engine when needed.
+    For bytes the feature-cache key is a hash of the file and the window settings, far cheaper than hashing the cut
+    views; a PIL image gets no key (its views are hashed if the engine needs one).
     """
     page = cut_views(load_image(data, cfg), cfg)
     if isinstance(data, (bytes, bytearray)):
-        h = hashlib.blake2b(bytes(data), digest_size=16)
-        h.update(repr(cfg).encode())
-        page.key = "file-" + h.hexdigest()
+        page.key = feature_key(bytes(data), cfg)
     return page
 
 

@@ -4,7 +4,7 @@
     infimm-hd batch submit --address http://HEAD:8265 [--env AWS_ACCESS_KEY_ID ...] [--wait] <the run flags>
     infimm-hd batch status|logs|stop JOB_ID --address http://HEAD:8265
 
-Registered by model/cli.py through `add_commands(subparsers)`.
+Registered by cli/main.py through `add_commands(subparsers)`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback; must precede `import ray`
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from runtime.local_ray import prepare_local_env
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
 
 
 def job_config(args: argparse.Namespace):
-    from model.cli import resolve_checkpoint
+    from runtime.checkpoints import resolve_checkpoint
 
     from .job import JobConfig
     from .storage import S3Settings
@@ -152,7 +151,9 @@ def cmd_run(args) -> int:
     from .job import run_job
     from .summary import format_summary
 
-    # ValueError for bad flags or inputs (checked before Ray starts): model.cli prints it as one line, exit 2
+    if not (args.ray_address or os.environ.get("RAY_ADDRESS")):
+        prepare_local_env()  # a private local Ray will be started: keep it on loopback (before Ray is imported)
+    # ValueError for bad flags or inputs (checked before Ray starts): cli.main prints it as one line, exit 2
     summary = run_job(job_config(args), progress=not args.no_progress, ray_address=args.ray_address)
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -249,14 +250,3 @@ def add_commands(subparsers) -> None:
         if name == "logs":
             p.add_argument("--follow", action="store_true", help="stream until the job ends")
         p.set_defaults(func=func)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m pipelines.cli run ...` (the same as `infimm-hd batch run ...`)."""
-    from model.cli import main as model_main
-
-    return model_main(["batch", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ import torch
 
 from model.engine import Engine, EngineConfig, Request, Result
 from model.sampling import SamplingParams
-from model.windows import PageViews, WindowConfig
+from model.windows import PageViews, WindowConfig, feature_key
 
 from .rows import OUTPUT_SCHEMA, error_fields, row_id
 
@@ -33,26 +33,27 @@ class GenerateConfig:
     device: str | None = None  # None: cuda when this actor has a GPU, else cpu
     torch_threads: int | None = None  # CPU only: intra-op threads (None: torch's default)
     model_name: str | None = None  # `model` column; None: the checkpoint folder's name
-    metrics: str = "ray"  # model.metrics backend: "ray" inside Ray, "none" in unit tests
+    metrics: str = "ray"  # runtime.metrics backend: "ray" inside Ray, "none" in unit tests
 
 
 class GenerateStage:
     """Loads the engine once per actor (in `__init__`); `__call__` maps a batch of DECODED rows to OUTPUT rows."""
 
     def __init__(self, config: GenerateConfig):
-        from model.metrics import Metrics
+        from runtime.metrics import Metrics
 
         self.config = config
         device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cpu" and config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.metrics = Metrics(frontend="batch", backend=config.metrics)
+        self.windows = WindowConfig(max_windows=config.max_windows)  # as the decode stage cut the pages
         self.engine = Engine.from_pretrained(
             config.checkpoint,
             device=device,
             # one slot keeps the thumbnail and every window of a page
             config=EngineConfig(max_slots=config.max_slots, max_views=config.max_windows + 1),
-            windows=WindowConfig(max_windows=config.max_windows),
+            windows=self.windows,
             observer=self.metrics.engine_observer(),
         )
         self.sampling = SamplingParams(max_new_tokens=config.max_new_tokens)
@@ -78,15 +79,15 @@ class GenerateStage:
                 continue
             w = page["window"]
             views = torch.frombuffer(bytearray(page["views"]), dtype=torch.uint8).view(page["n_views"], 3, w, w)
-            # The feature-cache key: a page of a document is unique within a job, and hashing ~3-10 MB of views per
-            # page in this (GPU-feeding) process would cost more than the cache ever saves here.
+            # A page of a document is unique within a job (which cuts every page with one window setting): naming
+            # it is far cheaper than hashing ~3-10 MB of views in this GPU-feeding process.
             pv = PageViews(
                 views=views,
                 rows=page["grid_rows"],
                 cols=page["grid_cols"],
                 width=page["width"],
                 height=page["height"],
-                key=f"{page['doc']}#{page['page']}",
+                key=feature_key(f"{page['doc']}#{page['page']}", self.windows),
             )
             for r in rows:
                 try:

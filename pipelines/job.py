@@ -19,26 +19,24 @@ but only missing pages are rendered and generated. `--no-resume` deletes the ear
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import sys
 import time
-import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
+
+from runtime.local_ray import prepare_local_env
 
 from .documents import DecodeConfig, DecodePages
 from .generate import GenerateConfig, GenerateStage
-from .rows import OUTPUT_SCHEMA, doc_key, prompt_key, split_row_id
-from .storage import SINGLE_PAGE_SUFFIXES, S3Settings, Storage, list_sources, suffix
+from .output import PartWriter, output_parts, read_done_ids, record_settings
+from .plan import group_sources, plan_sources
+from .progress import Progress
+from .storage import S3Settings, Storage, list_sources
 
 log = logging.getLogger(__name__)
 
@@ -87,178 +85,6 @@ class JobConfig:
             raise ValueError("--rows-per-file must be >= 1 and --flush-seconds >= 0")
 
 
-# ---- resume ----------------------------------------------------------------------------------------------------------
-def output_parts(fs: pafs.FileSystem, path: str) -> list[str]:
-    """The Parquet parts of an output folder (not `_`/`.` files, not the 0-byte folder markers S3 writers leave)."""
-    infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False, allow_not_found=True))
-    return sorted(
-        i.path
-        for i in infos
-        if i.type == pafs.FileType.File
-        and i.path.endswith(".parquet")
-        and not os.path.basename(i.path).startswith(("_", "."))
-    )
-
-
-def read_done_ids(fs: pafs.FileSystem, path: str) -> set[str]:
-    """Ids of every row already written. A part that cannot be read (it should not happen: parts are written whole)
-    is moved to `_incomplete/` so it neither breaks readers nor counts as done."""
-    done: set[str] = set()
-    for part in output_parts(fs, path):
-        try:
-            done.update(pq.read_table(part, columns=["id"], filesystem=fs).column("id").to_pylist())
-        except pa.ArrowInvalid as e:  # not Parquet (truncated, empty); a storage error (OSError) is raised, never
-            # taken for a corrupt part: good output must not be moved aside because S3 hiccupped
-            aside = f"{path.rstrip('/')}/_incomplete"
-            log.warning("unreadable part %s (%s): moved to %s/; its rows will be redone", part, e, aside)
-            if isinstance(fs, pafs.LocalFileSystem):
-                fs.create_dir(aside, recursive=True)
-            fs.move(part, f"{aside}/{os.path.basename(part)}")
-    return done
-
-
-def group_sources(sources, prompts: tuple[str, ...]) -> dict[tuple[str, str], list[str]]:
-    """(doc, uri) -> its prompts (manifest prompt, else the job's), each document once. Raises ValueError for
-    a document without any prompt or a manifest id used for two documents."""
-    groups: dict[tuple[str, str], list[str]] = {}
-    uri_of: dict[str, str] = {}
-    for s in sources:
-        doc = doc_key(s.uri, s.doc_id)
-        if uri_of.setdefault(doc, s.uri) != s.uri:
-            raise ValueError(f"manifest id {doc!r} names two documents: {uri_of[doc]} and {s.uri}; ids must be unique")
-        ps = [s.prompt] if s.prompt else list(prompts)
-        if not ps:
-            raise ValueError(
-                f"no prompt for {s.uri}: pass --prompt or --prompts-file, or add a prompt column to the manifest"
-            )
-        bucket = groups.setdefault((doc, s.uri), [])
-        bucket += [p for p in ps if p not in bucket]
-    return groups
-
-
-def plan_sources(sources, prompts: tuple[str, ...], done: set[str]) -> tuple[list[dict], int]:
-    """Sources -> decode-stage records (one per document, all its prompts), minus what the output already has.
-    Returns (records, documents skipped as complete)."""
-    groups = group_sources(sources, prompts)
-    done_by_doc: dict[str, set[str]] = defaultdict(set)
-    for rid in done:
-        doc, page, q = split_row_id(rid)
-        done_by_doc[doc].add(f"{page}:{q}")
-    records, skipped = [], 0
-    for (doc, uri), ps in groups.items():
-        finished = done_by_doc.get(doc, set())
-        answered = {k.rsplit(":", 1)[1] for k in finished}
-        # A one-page file with a row for every prompt is complete: do not even read it. (A multi-page one must be
-        # opened to learn its page count; the decode stage then skips its finished pages.)
-        if suffix(uri) in SINGLE_PAGE_SUFFIXES and {prompt_key(p) for p in ps} <= answered:
-            skipped += 1
-            continue
-        records.append({"uri": uri, "doc": doc, "prompts": ps, "done": sorted(finished)})
-    return records, skipped
-
-
-# ---- writing ---------------------------------------------------------------------------------------------------------
-class PartWriter:
-    """Buffers result rows and writes them as Parquet parts; drops any id already written (exactly-once output)."""
-
-    def __init__(self, fs: pafs.FileSystem, path: str, seen: set[str], rows_per_file: int, flush_seconds: float):
-        self.fs, self.path = fs, path.rstrip("/")
-        self.seen = seen
-        self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
-        self.run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        self.local = isinstance(fs, pafs.LocalFileSystem)
-        self.buffer: list[pa.Table] = []
-        self.buffered = 0
-        self.parts: list[str] = []
-        self.duplicates = 0
-        self._last_flush = time.monotonic()
-
-    def add(self, table: pa.Table) -> pa.Table:
-        """Keep the rows with new ids; return them."""
-        ids = table.column("id").to_pylist()
-        keep = []
-        for i, rid in enumerate(ids):
-            if rid not in self.seen:
-                self.seen.add(rid)
-                keep.append(i)
-        if len(keep) < len(ids):
-            self.duplicates += len(ids) - len(keep)
-            log.warning("dropped %d rows whose ids were already written", len(ids) - len(keep))
-            table = table.take(keep)
-        if table.num_rows:
-            self.buffer.append(table.cast(OUTPUT_SCHEMA))
-            self.buffered += table.num_rows
-        if self.buffered >= self.rows_per_file or time.monotonic() - self._last_flush >= self.flush_seconds:
-            self.flush()
-        return table
-
-    def flush(self) -> None:
-        self._last_flush = time.monotonic()
-        if not self.buffered:
-            return
-        table = pa.concat_tables(self.buffer)
-        name = f"part-{self.run_id}-{len(self.parts):05d}.parquet"
-        final = f"{self.path}/{name}"
-        if self.local:  # rename into place: a reader (or a resume) never sees half a file
-            tmp = f"{self.path}/.{name}.tmp"
-            pq.write_table(table, tmp, filesystem=self.fs)
-            self.fs.move(tmp, final)
-        else:  # an S3 object appears only when its upload completes
-            pq.write_table(table, final, filesystem=self.fs)
-        self.parts.append(final)
-        self.buffer, self.buffered = [], 0
-        log.debug("wrote %s (%d rows)", final, table.num_rows)
-
-
-class Progress:
-    """Counts what arrives at the driver; a tqdm bar on a terminal, a log line every `log_every_s` elsewhere (job
-    logs), and the timeline for the summary plot."""
-
-    def __init__(self, enabled: bool = True, log_every_s: float = 15.0):
-        self.t0 = time.monotonic()
-        self.rows = self.pages = self.tokens = self.errors = 0
-        self.timeline: list[tuple[float, int, int]] = [(0.0, 0, 0)]  # (seconds, pages, tokens)
-        self.enabled, self.log_every_s, self._logged = enabled, log_every_s, self.t0
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(desc="pages", unit="page", file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
-
-    def update(self, table: pa.Table) -> None:
-        if not table.num_rows:
-            return
-        cols = table.select(["source_uri", "page", "completion_tokens", "error_type"]).to_pydict()
-        pages = len(
-            set(zip(cols["source_uri"], cols["page"], strict=True))
-        )  # all prompts of a page come in the same table
-        self.rows += table.num_rows
-        self.pages += pages
-        self.tokens += sum(t or 0 for t in cols["completion_tokens"])
-        self.errors += sum(1 for e in cols["error_type"] if e)
-        now = time.monotonic()
-        elapsed = now - self.t0
-        self.timeline.append((round(elapsed, 3), self.pages, self.tokens))
-        if self.bar is not None:
-            self.bar.update(pages)
-            self.bar.set_postfix(rows=self.rows, errors=self.errors, tok_s=f"{self.tokens / max(elapsed, 1e-9):.1f}")
-        elif self.enabled and now - self._logged >= self.log_every_s:
-            self._logged = now
-            log.info(
-                "progress: %d pages, %d rows (%d errors) in %.0fs: %.2f pages/s, %.1f tokens/s",
-                self.pages,
-                self.rows,
-                self.errors,
-                elapsed,
-                self.pages / elapsed,
-                self.tokens / elapsed,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 # ---- the job ---------------------------------------------------------------------------------------------------------
 def ensure_ray(address: str | None = None) -> None:
     """Use the Ray this process already has; else connect to `address` / RAY_ADDRESS (a cluster, or the driver of a
@@ -270,9 +96,8 @@ def ensure_ray(address: str | None = None) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:  # no runtime_env here: a submitted job's own (working_dir, env_vars) must not be contradicted
         ray.init(address=address)
-    else:
-        env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}
-        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env})
+    else:  # the CLI called prepare_local_env() before Ray was imported; a library caller should do the same
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": prepare_local_env()})
 
 
 def resolve_resources(config: JobConfig) -> JobConfig:
@@ -384,7 +209,9 @@ def run_job(
             log.warning("--no-resume: deleting %d earlier parts in %s", len(old), config.output)
             for p in old:
                 fs.delete_file(p)
-    _check_settings(fs, out, config)
+    record_settings(
+        fs, out, {k: (str(v) if k == "checkpoint" else v) for k, v in asdict(config).items() if k in RESULT_SETTINGS}
+    )
     done = read_done_ids(fs, out)
     records, skipped_docs = plan_sources(sources, config.prompts, done)
     log.info(
@@ -452,25 +279,3 @@ def run_job(
     )
     write_summary(fs, out, summary)
     return summary
-
-
-def _check_settings(fs: pafs.FileSystem, out: str, config: JobConfig) -> None:
-    """Record the settings that shape the rows in `_job.json`; warn when a resumed run changes them."""
-    path = f"{out}/_job.json"
-    now = {k: (str(v) if k == "checkpoint" else v) for k, v in asdict(config).items() if k in RESULT_SETTINGS}
-    try:
-        with fs.open_input_stream(path) as f:
-            before = json.loads(f.read())
-    except (FileNotFoundError, OSError, ValueError):
-        before = None
-    if before and output_parts(fs, out):
-        changed = {k: (before.get(k), v) for k, v in now.items() if before.get(k) != v}
-        if changed:
-            log.warning(
-                "resuming %s with different settings %s: earlier rows keep the old ones (use a new --output or "
-                "--no-resume to redo everything)",
-                out,
-                changed,
-            )
-    with fs.open_output_stream(path) as f:
-        f.write(json.dumps(now, indent=2).encode())

@@ -57,10 +57,11 @@ def client(address: str):
 
 
 def runtime_env(extra_env: dict[str, str]) -> dict:
-    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "TOKENIZERS_PARALLELISM": "false"}
+    # Never the loopback-only RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (runtime/local_ray.py): the job runs on a cluster.
+    env = {"TOKENIZERS_PARALLELISM": "false"}
     env.update({k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)})
     env.update(extra_env)
-    if (ROOT / "pyproject.toml").exists():  # a source checkout: ship it whole (the entrypoint runs `-m model.cli`)
+    if (ROOT / "pyproject.toml").exists():  # a source checkout: ship it whole (the entrypoint runs `-m cli`)
         return {"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env}
     import model
     import pipelines
@@ -86,7 +87,7 @@ def submit(
 ) -> str:
     import shlex
 
-    entrypoint = "python -m model.cli batch run " + " ".join(shlex.quote(a) for a in run_args)
+    entrypoint = "python -m cli batch run " + " ".join(shlex.quote(a) for a in run_args)
     job_id = client(address).submit_job(
         entrypoint=entrypoint,
         runtime_env=runtime_env(extra_env or {}),

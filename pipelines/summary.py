@@ -22,7 +22,7 @@ _COLUMNS = ["id", "source_uri", "page", "error_type", "prompt_tokens", "completi
 def summarize(
     fs: pafs.FileSystem, path: str, output_uri: str, run: dict, model: str = "", random_weights: bool = False
 ) -> dict:
-    from .job import output_parts
+    from .output import output_parts
 
     cols: dict[str, list] = {c: [] for c in _COLUMNS}
     for part in output_parts(fs, path):

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN = ROOT / "tests" / "data" / "golden"  # copy of ../shared/golden (see tests/test_golden.py)
+GOLDEN = ROOT / "tests" / "data" / "golden"  # the official code's golden vectors (see its README)
 
 
 def free_port() -> int:
@@ -74,7 +74,7 @@ def ray_session(ray_metrics_port, tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A SeaweedFS S3 server on 127.0.0.1 for the session; AWS_* variables point at it while it runs."""
-    from pipelines.seaweed import SeaweedFS
+    from demo.seaweed import SeaweedFS
 
     server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
     saved = {k: os.environ.get(k) for k in server.env()}

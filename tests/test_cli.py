@@ -12,7 +12,7 @@ from PIL import Image
 
 def run(*args, env=None, check=True):
     e = {**os.environ, **(env or {})}
-    p = subprocess.run([sys.executable, "-m", "model.cli", *args], capture_output=True, text=True, env=e, timeout=300)
+    p = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=e, timeout=300)
     if check:
         assert p.returncode == 0, p.stderr
     return p

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from model.metrics import CATALOG, exported_name
+from runtime.metrics import CATALOG, exported_name
 
 from .conftest import ROOT, free_port
 from .pipeline_helpers import config as job_config
@@ -100,8 +100,8 @@ def wait_for(base: str, expr: str, timeout: float = 90.0) -> list:
 @pytest.fixture(scope="module")
 def traffic(prometheus, ray_session, tiny_checkpoint, tmp_path_factory):
     """A small batch job (one corrupt file among the pages) and a few HTTP requests (one refused) in this session."""
+    from demo.samples import png_page  # a generated document page
     from pipelines.job import run_job
-    from pipelines.samples import png_page  # a generated document page
 
     folder = tmp_path_factory.mktemp("obs")
     docs = write_files(
@@ -118,7 +118,8 @@ def traffic(prometheus, ray_session, tiny_checkpoint, tmp_path_factory):
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from deployments.config import application_from_config, load_serve_config
+    from deployments.app import application_from_config
+    from deployments.config import load_serve_config
 
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     port = _get_global_client().http_config.port
@@ -224,7 +225,7 @@ def test_manifests_reference_real_code():
     import importlib
     import shlex
 
-    from model.cli import build_parser
+    from cli.main import build_parser
 
     serve_cfg = yaml.safe_load((INFRA / "serve.yaml").read_text())
     for app in serve_cfg["applications"]:

@@ -1,4 +1,4 @@
-"""The README's first command: `make demo` (python -m pipelines.demo) on this machine, as a newcomer runs it."""
+"""The README's first command: `make demo` (python -m demo) on this machine, as a newcomer runs it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 def test_demo_runs_the_batch_job_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
     env["INFIMM_TINY_CHECKPOINT"] = str(tmp_path / "tiny")  # a fresh machine: the checkpoint is built on the spot
-    p = subprocess.run([sys.executable, "-m", "pipelines.demo"], capture_output=True, text=True, env=env, timeout=380)
+    p = subprocess.run([sys.executable, "-m", "demo"], capture_output=True, text=True, env=env, timeout=380)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "RANDOM WEIGHTS" in p.stderr
     out = p.stdout

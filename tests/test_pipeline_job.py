@@ -170,7 +170,7 @@ def test_a_killed_driver_resumes_with_every_page_exactly_once(tiny_checkpoint, r
     cmd = [
         sys.executable,
         "-m",
-        "model.cli",
+        "cli",
         "batch",
         "run",
         "--input",

@@ -14,7 +14,8 @@ from model.windows import WindowConfig
 from pipelines import samples
 from pipelines.documents import DecodeConfig, DecodePages
 from pipelines.generate import GenerateConfig, GenerateStage
-from pipelines.job import PartWriter, plan_sources, read_done_ids
+from pipelines.output import PartWriter, read_done_ids
+from pipelines.plan import plan_sources
 from pipelines.rows import DECODED_SCHEMA, ERROR_TYPES, OUTPUT_SCHEMA, doc_key, prompt_key, row_id, split_row_id
 from pipelines.storage import Source, Storage, list_sources
 
@@ -275,7 +276,7 @@ def test_cli_refuses_a_job_without_prompts_before_writing_anything(tmp_path, tin
         [
             sys.executable,
             "-m",
-            "model.cli",
+            "cli",
             "batch",
             "run",
             "--input",

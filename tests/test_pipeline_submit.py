@@ -84,7 +84,7 @@ def ray_head():
 
 def cli(*args, env=None, timeout=500):
     return subprocess.run(
-        [sys.executable, "-m", "model.cli", "batch", *args],
+        [sys.executable, "-m", "cli", "batch", *args],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},

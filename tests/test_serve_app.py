@@ -39,7 +39,8 @@ def serve_app(ray_session, s3_server, tiny_checkpoint):
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from deployments.config import application_from_config, load_serve_config
+    from deployments.app import application_from_config
+    from deployments.config import load_serve_config
 
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     port = _get_global_client().http_config.port  # ours, or that of a Serve another test module started
@@ -458,7 +459,7 @@ def test_64_clients_twice_get_200_or_503_with_retry_after(serve_app):
 
 # ---- metrics ---------------------------------------------------------------------------------------------------------
 def test_serve_and_infimm_metrics_in_prometheus_text(serve_app, ray_metrics_port):
-    """Serve's built-in metrics and ours (model/metrics.py) come out of Ray's metrics export port."""
+    """Serve's built-in metrics and ours (runtime/metrics.py) come out of Ray's metrics export port."""
     post(serve_app, b"{not json")  # at least one rejection, one success
     serve_app.client.chat.completions.create(**text_request(max_tokens=3))
     wanted = {

@@ -65,7 +65,7 @@ def stack(tiny_checkpoint, image_host):
     from deployments.engine_server import EngineServer
     from deployments.frontend import Frontend, FrontendSettings, LocalModelClient, make_api
     from deployments.images import ImageFetcher, ImagePolicy
-    from model.metrics import Metrics
+    from runtime.metrics import Metrics
 
     registry = prometheus_client.CollectorRegistry()
     metrics = Metrics(frontend="serve", backend="prometheus", registry=registry)

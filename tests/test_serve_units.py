@@ -51,7 +51,7 @@ def test_serve_args_refuse_unknown_keys():
 def test_application_from_the_yaml_builds_with_overrides():
     from ray.serve import Application
 
-    from deployments.config import application_from_config
+    from deployments.app import application_from_config
 
     app, name, prefix, http = application_from_config(
         load_serve_config(SERVE_YAML), {"max_slots": 2}, {MODEL_DEPLOYMENT: {"ray_actor_options": {"num_gpus": 0}}}
@@ -138,8 +138,8 @@ def test_http_allow_list_matches_hosts_exactly(url, allowed):
 
 # ---- CLI -------------------------------------------------------------------------------------------------------------
 def test_cli_registers_serve_with_loopback_defaults():
+    from cli.main import build_parser
     from deployments.cli import plan
-    from model.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--checkpoint", "/tmp/ckpt", "--port", "8123"])
     assert args.func.__module__ == "deployments.cli"

@@ -1,4 +1,4 @@
-"""`make demo` / `python -m pipelines.demo`: the batch job from a bucket of documents to Parquet, on this machine.
+"""`make demo` / `python -m demo`: the batch job from a bucket of documents to Parquet, on this machine.
 
 Starts SeaweedFS (a local S3) on 127.0.0.1, writes generated pages into a bucket (PNG and JPEG pages, a 3-page PDF,
 a 2-page TIFF and one corrupt file), runs `infimm-hd batch run` on them with a tiny RANDOM-weight checkpoint, prints
@@ -12,9 +12,6 @@ import os
 import sys
 import tempfile
 import time
-
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on loopback; must precede `import ray`
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BUCKET = "documents"
 PROMPT = "Transcribe the text of this page."
@@ -53,8 +50,12 @@ def results_table(rows: list[dict]) -> str:
 def main() -> int:
     import logging
 
-    from model.cli import RANDOM_BANNER, default_tiny_checkpoint
-    from model.cli import main as cli
+    from runtime.local_ray import prepare_local_env
+
+    prepare_local_env()  # the demo starts its own Ray: keep it on loopback (before anything imports Ray)
+
+    from cli.main import main as cli
+    from runtime.checkpoints import RANDOM_BANNER, default_tiny_checkpoint
 
     from .seaweed import SeaweedFS
 
@@ -100,7 +101,7 @@ def main() -> int:
 def _read(uri: str) -> list[dict]:
     import pyarrow.parquet as pq
 
-    from .job import output_parts
+    from .output import output_parts
     from .storage import S3Settings, Storage
 
     fs, path = Storage(S3Settings.from_env()).resolve(uri)

@@ -1,5 +1,7 @@
 """`infimm-hd` command line: model commands here; `batch` and `serve` come from pipelines/ and deployments/.
 
+The top of the package graph: it imports the front ends, nothing imports it.
+
 infimm-hd generate --checkpoint DIR --image PAGE.png --prompt "Transcribe this page."
 infimm-hd make-tiny-checkpoint DIR [--seed N] [--format safetensors|bin]
 infimm-hd convert-checkpoint SRC DST [--shard-gb 5] [--dtype bfloat16]
@@ -12,51 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-RANDOM_BANNER = (
-    "=" * 78 + "\n"
-    "  WARNING: no --checkpoint given: using a TINY checkpoint with RANDOM WEIGHTS built on the spot.\n"
-    "  Everything works end to end, but the generated text is noise. Pass --checkpoint DIR for real output.\n"
-    + "="
-    * 78
-)
-
-
-def default_tiny_checkpoint(seed: int = 0) -> Path:
-    """A tiny random checkpoint, built once per machine (cached in the temp folder) and reused."""
-    from .weights import make_tiny_checkpoint
-
-    folder = Path(
-        os.environ.get("INFIMM_TINY_CHECKPOINT", Path(tempfile.gettempdir()) / f"infimm-hd-tiny-random-{seed}")
-    )
-    if not (folder / "config.json").exists():
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        make_tiny_checkpoint(tmp, seed=seed)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process won the race; theirs is identical
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
-def resolve_checkpoint(path: str | None) -> Path:
-    if path:
-        return Path(path)
-    print(RANDOM_BANNER, file=sys.stderr)
-    return default_tiny_checkpoint()
+from runtime.checkpoints import resolve_checkpoint
 
 
 def cmd_generate(args) -> int:
     import torch
 
-    from .engine import Engine, EngineConfig, SamplingParams
-    from .windows import WindowConfig
+    from model.engine import Engine, EngineConfig, SamplingParams
+    from model.windows import WindowConfig
 
     checkpoint = resolve_checkpoint(args.checkpoint)
     engine = Engine.from_pretrained(
@@ -85,7 +53,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_make_tiny(args) -> int:
-    from .weights import make_tiny_checkpoint
+    from model.weights import make_tiny_checkpoint
 
     folder = make_tiny_checkpoint(args.dir, seed=args.seed, preset=args.preset, fmt=args.format)
     print(f"wrote a RANDOM-WEIGHT {args.preset} checkpoint to {folder}")
@@ -95,7 +63,7 @@ def cmd_make_tiny(args) -> int:
 def cmd_convert(args) -> int:
     import torch
 
-    from .weights import convert_checkpoint
+    from model.weights import convert_checkpoint
 
     report = convert_checkpoint(
         args.src, args.dst, shard_gb=args.shard_gb, dtype=getattr(torch, args.dtype) if args.dtype else None
@@ -156,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from .weights import CheckpointError
+    from model.weights import CheckpointError
 
     try:
         return args.func(args) or 0

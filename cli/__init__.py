@@ -1,0 +1,1 @@
+"""The `infimm-hd` command: model commands, plus `batch` (pipelines/), `serve` (deployments/), `train` (training/)."""

@@ -1,0 +1,114 @@
+"""The package graph says what the README says: model/ is a leaf (PyTorch + tokenizer), the front ends depend on it and
+on runtime/ downward, cli/ sits on top, and no two packages import each other (lazy imports inside functions count).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIRST_PARTY = ("model", "runtime", "pipelines", "deployments", "training", "cli", "demo", "benchmarks")
+# What model/ may import besides the standard library: the tensors, the images, the tokenizer and the weight files.
+MODEL_THIRD_PARTY = {"torch", "numpy", "PIL", "tokenizers", "transformers", "safetensors"}
+LIBRARY = ("model", "runtime", "pipelines", "deployments", "training", "cli")
+
+
+def imports_of(path: Path) -> set[str]:
+    """Top-level names of every module `path` imports, at module level or inside functions."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = path.relative_to(ROOT).parts[0]
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add(package if node.level else (node.module or "").split(".")[0])
+    return names
+
+
+def package_files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py")) if (ROOT / package).is_dir() else []
+
+
+def package_graph() -> dict[str, set[str]]:
+    graph: dict[str, set[str]] = defaultdict(set)
+    for pkg in FIRST_PARTY:
+        for f in package_files(pkg):
+            graph[pkg] |= {m for m in imports_of(f) if m in FIRST_PARTY and m != pkg}
+    return graph
+
+
+def test_model_is_a_leaf():
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    bad = {}
+    for f in package_files("model"):
+        extra = imports_of(f) - stdlib - MODEL_THIRD_PARTY - {"model"}
+        if extra:
+            bad[str(f.relative_to(ROOT))] = sorted(extra)
+    assert not bad, f"model/ must import only PyTorch, numpy, PIL and the tokenizer/weight libraries: {bad}"
+
+
+def test_no_cycles_between_packages():
+    graph = package_graph()
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                pytest.fail(f"import cycle between packages: {' -> '.join([*path, node, nxt])}")
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for pkg in sorted(graph):
+        if pkg not in state:
+            visit(pkg, [])
+
+
+def test_layers_point_down():
+    """model <- runtime <- pipelines, deployments <- training <- cli <- demo (benchmarks may use anything)."""
+    layer = {"model": 0, "runtime": 1, "pipelines": 2, "deployments": 2, "training": 3, "cli": 4, "demo": 5}
+    graph = package_graph()
+    upward = {(a, b) for a, deps in graph.items() if a in layer for b in deps if b in layer and layer[b] >= layer[a]}
+    assert not upward, f"imports that point up or sideways between layers: {sorted(upward)}"
+
+
+def test_import_model_does_not_load_ray():
+    code = (
+        "import sys, model; "
+        "print([m for m in ('ray', 'fastapi', 'pyarrow', 'pipelines', 'deployments') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"`import model` loaded {out.stdout.strip()}"
+
+
+def test_no_import_time_environment_writes():
+    """Only runtime.local_ray.prepare_local_env() sets the local-Ray environment, and only when called."""
+    offenders = []
+    for pkg in LIBRARY:
+        for f in package_files(pkg):
+            for node in ast.parse(f.read_text()).body:  # module level statements only
+                src = ast.unparse(node)
+                if "os.environ" in src and any(w in src for w in ("setdefault", "update(", "os.environ[")):
+                    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                        offenders.append(f"{f.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, f"module-level environment writes: {offenders}"
+
+
+def test_library_asserts_have_messages():
+    bare = [
+        f"{f.relative_to(ROOT)}:{node.lineno}"
+        for pkg in LIBRARY
+        for f in package_files(pkg)
+        for node in ast.walk(ast.parse(f.read_text()))
+        if isinstance(node, ast.Assert) and node.msg is None
+    ]
+    assert not bare, f"asserts without a message: {bare}"
