@@ -38,6 +38,9 @@ class WindowConfig:
     max_side: int = 448 * 8  # cap on each side of the resized page, in pixels
     rounding: str = "round"  # "round" (half up) or "ceil"
     thumbnail: str = "pad"  # "pad" (to square with the CLIP mean colour, as expand2square) or "squash"
+    # "pad" pads the full-size page first, exactly as the official processor, while that square has at most this many
+    # pixels (3 bytes each); larger (extreme aspect ratios, posters) it scales first and pads the small result
+    thumbnail_square_max_pixels: int = 40_000_000
     single_window_thumbnail: bool = True  # a 1x1 grid still gets a thumbnail view
     max_pixels: int = 100_000_000  # decoded size cap, checked from the header before decoding (decompression bombs)
     background: tuple[int, int, int] = (255, 255, 255)  # what transparent pixels become
@@ -179,13 +182,28 @@ def choose_grid(width: int, height: int, cfg: WindowConfig = WindowConfig()) -> 
 
 
 def make_thumbnail(img: Image.Image, cfg: WindowConfig = WindowConfig()) -> Image.Image:
-    if cfg.thumbnail == "pad":
-        w, h = img.size
-        side = max(w, h)
+    """The page as one window-sized view: "pad" keeps the aspect ratio on a CLIP-mean square, "squash" stretches.
+
+    The official way pads the full-size page to a max(w, h)^2 square and scales that: exact, and what pages up to
+    `thumbnail_square_max_pixels` get. Beyond it the square would cost gigabytes for a few hundred bytes of input (a
+    30000x10 PNG: a 2.7 GB square), so the page is scaled first and the small result padded; that differs only by
+    the page's placement (to the nearest thumbnail pixel instead of a fraction of one) and at the seam with the pad.
+    """
+    win = cfg.window
+    if cfg.thumbnail != "pad":
+        return img.resize((win, win), Image.BICUBIC)
+    w, h = img.size
+    side = max(w, h)
+    if side * side <= cfg.thumbnail_square_max_pixels:
         square = Image.new("RGB", (side, side), CLIP_MEAN_RGB)
         square.paste(img, ((side - w) // 2, (side - h) // 2))
-        img = square
-    return img.resize((cfg.window, cfg.window), Image.BICUBIC)
+        return square.resize((win, win), Image.BICUBIC)
+    scale = win / side
+    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
+    at = (round((side - w) // 2 * scale), round((side - h) // 2 * scale))  # where the full-size pad puts the page
+    square = Image.new("RGB", (win, win), CLIP_MEAN_RGB)
+    square.paste(img.resize((tw, th), Image.BICUBIC), at)
+    return square
 
 
 def cut_views(img: Image.Image, cfg: WindowConfig = WindowConfig()) -> PageViews:
