@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pipelines import samples
+from demo import samples
 
 
 @dataclass

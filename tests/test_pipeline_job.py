@@ -15,8 +15,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from demo import samples
 from model.windows import PageViews
-from pipelines import samples
 from pipelines.job import run_job
 from pipelines.storage import S3Settings, Storage, list_sources
 

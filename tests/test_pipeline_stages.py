@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from demo import samples
 from model.windows import WindowConfig
-from pipelines import samples
 from pipelines.documents import DecodeConfig, DecodePages
 from pipelines.generate import GenerateConfig, GenerateStage
 from pipelines.output import PartWriter, read_done_ids

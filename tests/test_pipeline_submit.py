@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from pipelines import samples
+from demo import samples
 
 from .pipeline_helpers import PROMPT, by_page, read_rows
 
