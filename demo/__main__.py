@@ -101,8 +101,8 @@ def main() -> int:
 def _read(uri: str) -> list[dict]:
     import pyarrow.parquet as pq
 
-    from .output import output_parts
-    from .storage import S3Settings, Storage
+    from pipelines.output import output_parts
+    from pipelines.storage import S3Settings, Storage
 
     fs, path = Storage(S3Settings.from_env()).resolve(uri)
     return [r for part in output_parts(fs, path.rstrip("/")) for r in pq.read_table(part, filesystem=fs).to_pylist()]

@@ -112,3 +112,28 @@ def test_library_asserts_have_messages():
         if isinstance(node, ast.Assert) and node.msg is None
     ]
     assert not bare, f"asserts without a message: {bare}"
+
+
+def test_every_first_party_import_resolves():
+    """Lazy imports inside functions included: a moved module must not leave a stale `from .old import x` behind."""
+    missing = []
+    for pkg in FIRST_PARTY:
+        for f in package_files(pkg):
+            here = f.relative_to(ROOT).with_suffix("").parts[:-1]  # the package the file is in
+            for node in ast.walk(ast.parse(f.read_text())):
+                if not isinstance(node, ast.ImportFrom):
+                    continue
+                if node.level:
+                    base = here[: len(here) - node.level + 1]
+                    parts = (*base, *(node.module.split(".") if node.module else ()))
+                elif node.module and node.module.split(".")[0] in FIRST_PARTY:
+                    parts = tuple(node.module.split("."))
+                else:
+                    continue
+                target = ROOT.joinpath(*parts)
+                if target.with_suffix(".py").exists() or (target / "__init__.py").exists():
+                    continue
+                if not node.module and all((target / f"{a.name}.py").exists() for a in node.names):
+                    continue  # `from . import submodule`
+                missing.append(f"{f.relative_to(ROOT)}:{node.lineno} -> {'.'.join(parts)}")
+    assert not missing, f"imports of modules that do not exist: {missing}"
