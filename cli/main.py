@@ -2,11 +2,11 @@
 
 The top of the package graph: it imports the front ends, nothing imports it.
 
-infimm-hd generate --checkpoint DIR --image PAGE.png --prompt "Transcribe this page."
-infimm-hd make-tiny-checkpoint DIR [--seed N] [--format safetensors|bin]
-infimm-hd convert-checkpoint SRC DST [--shard-gb 5] [--dtype bfloat16]
-infimm-hd batch run|submit|status|logs ...     (pipelines/cli.py)
-infimm-hd serve ...                            (deployments/cli.py)
+    infimm-hd generate --checkpoint DIR --image PAGE.png --prompt "Transcribe this page."
+    infimm-hd make-tiny-checkpoint DIR [--seed N] [--format safetensors|bin]
+    infimm-hd convert-checkpoint SRC DST [--shard-gb 5] [--dtype bfloat16]
+    infimm-hd batch run|submit|status|logs ...     (pipelines/cli.py)
+    infimm-hd serve ...                            (deployments/cli.py)
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 
 LOCAL_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # loopback only; read when Ray is imported and when nodes start
+    # loopback only; Ray reads it once, when a process imports it (ray._private.ray_constants.ENABLE_RAY_CLUSTER)
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     "TOKENIZERS_PARALLELISM": "false",  # the Rust tokenizer's threads fight the engine for the cores after a fork
 }
 
