@@ -316,7 +316,8 @@ def test_mixed_settings_in_one_batch_equal_each_alone(model, processor):
 
 
 def test_stream_carries_every_token_and_its_logprobs(engine):
-    sampling = SamplingParams(max_new_tokens=16, logprobs=True, top_logprobs=2, stop_token_ids=())
+    # a long stop string that never comes holds text back, so some tokens reach the stream in a later delta
+    sampling = SamplingParams(max_new_tokens=16, logprobs=True, top_logprobs=2, stop_token_ids=(), stop=("Q" * 12,))
 
     async def collect():
         req = engine.make_request(QUESTIONS[0], [PAGES[1]], sampling)
@@ -330,6 +331,7 @@ def test_stream_carries_every_token_and_its_logprobs(engine):
     assert [t for d in deltas for t in d.token_ids] == result.token_ids
     assert [lp for d in deltas for lp in d.logprobs] == result.logprobs
     assert "".join(d.text for d in deltas) == result.text
+    assert any(len(d.token_ids) > 1 for d in deltas), "the held-back case was not exercised"
 
 
 # ---- JSON output ----------------------------------------------------------------------------------------------------
