@@ -132,7 +132,7 @@ class _Seq:
     sink: Callable[[Delta], None] | None
     detok: IncrementalDetokenizer
     stop_ids: frozenset[int]
-    sampler: SequenceState
+    state: SequenceState  # sampling state: generator, n-gram table, guard, grammar, logprobs
     slot: int = -1
     tokens: list[int] = field(default_factory=list)
     unsent: int = 0  # tokens[-unsent:] are not in a streamed delta yet (their text is held back)
@@ -341,7 +341,7 @@ class Engine:
             sink=sink,
             detok=IncrementalDetokenizer(self.processor.tokenizer, tuple(s.stop), self.byte_ids),
             stop_ids=stop_ids,
-            sampler=self.sampler.new_state(s),
+            state=self.sampler.new_state(s),
         )
 
     # ---- synchronous API --------------------------------------------------------------------------------------------
@@ -577,8 +577,8 @@ class Engine:
                 self.slot_text_time[s.slot] = 0
             s.media = []  # features no longer needed by this request
         for s in seqs:
-            self.sampler.admit(s.slot, s.sampler, s.request.prompt_ids)
-        tokens = self.sampler.sample(logits, [s.slot for s in seqs], [s.sampler for s in seqs])
+            self.sampler.admit(s.slot, s.state, s.request.prompt_ids)
+        tokens = self.sampler.sample(logits, [s.slot for s in seqs], [s.state for s in seqs])
         seconds = time.perf_counter() - t0
         self.observer.on_prefill(B, sum(lengths), seconds)
         now = time.perf_counter()
@@ -618,7 +618,7 @@ class Engine:
         if logits is None:
             logits = self.decode_forward(n, kv_len, m, tokens, positions)
         rows = [s.slot for s in active]
-        sampled = self.sampler.sample(logits[rows], rows, [s.sampler for s in active])
+        sampled = self.sampler.sample(logits[rows], rows, [s.state for s in active])
         self.observer.on_decode_step(len(active), time.perf_counter() - t0)
         for s, tok in zip(active, sampled, strict=True):
             self._emit(s, tok)
@@ -655,9 +655,9 @@ class Engine:
         p = seq.request.sampling
         if token in seq.stop_ids and len(seq.tokens) >= p.min_new_tokens:
             reason = "stop"
-        elif seq.detok.stopped_at is not None or seq.sampler.grammar_done:
+        elif seq.detok.stopped_at is not None or seq.state.grammar_done:
             reason = "stop"
-        elif seq.sampler.repeating:
+        elif seq.state.repeating:
             reason = "repetition"
         elif len(seq.tokens) >= p.max_new_tokens:
             reason = "length"
@@ -688,7 +688,7 @@ class Engine:
             completion_tokens=len(seq.tokens),
             timings=t,
             cached_images=seq.cached_images,
-            logprobs=list(seq.sampler.logprobs) if seq.request.sampling.logprobs else None,
+            logprobs=list(seq.state.logprobs) if seq.request.sampling.logprobs else None,
         )
         self.observer.on_finish(result)
         if seq.sink:
@@ -700,7 +700,7 @@ class Engine:
         """The tokens (and logprobs) not yet in a delta; marks them sent."""
         k, seq.unsent = seq.unsent, 0
         ids = seq.tokens[len(seq.tokens) - k :]
-        return ids, (seq.sampler.logprobs[len(seq.tokens) - k :] if seq.request.sampling.logprobs else None)
+        return ids, (seq.state.logprobs[len(seq.tokens) - k :] if seq.request.sampling.logprobs else None)
 
     def _fail_all(self, reason: str) -> None:
         with self._lock:
