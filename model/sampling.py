@@ -5,16 +5,18 @@ Legend: S decode slots, B rows of a step, V vocabulary, W = ceil(V / 32) bitmask
 Per-request reproducibility: every sampled request owns a `torch.Generator` seeded from its `seed` and draws exactly one
 sample per generated token, so its output does not depend on what else shares the batch.
 
-The logits of a step go through `BatchSampler.sample` in this order (the order of Hugging Face's processors and vLLM):
+The logits of a step go through `BatchSampler.sample` in this order (penalties, bias, bans, then the sampling warpers):
     raw logits (B, V)
     -> repetition_penalty (HF/CTRL: seen in prompt + output: positive / p, negative * p)
-    -> frequency_penalty * count + presence_penalty * (count > 0)   (OpenAI; counts over generated tokens only)
+    -> - frequency_penalty * count - presence_penalty * (count > 0)   (OpenAI; counts over generated tokens only)
     -> + logit_bias
-    -> no_repeat_ngram_size bans, JSON-schema token mask (-inf)
+    -> JSON-schema token mask, then no_repeat_ngram_size bans (-inf; bans that would leave the grammar nothing are
+       dropped for that step)
     = "processed logits": greedy takes their argmax; logprobs are their log_softmax
     -> / temperature, top-k, top-p -> multinomial with the request's generator
-Logprobs are therefore the model's distribution after penalties, bias and bans but before temperature and top-k/top-p
-(what OpenAI reports; a temperature of 0 would otherwise make every logprob 0 or -inf). Each step is a few batched
+Logprobs are therefore the model's distribution after penalties, bias and bans but before temperature and top-k/top-p:
+a choice (vLLM reports the raw distribution by default): it is what the sampler drew from, so a greedy token is always
+its own top_logprobs[0], and a temperature of 0 does not make every logprob 0 or -inf. Each step is a few batched
 ops over the rows that ask for them, with per-slot tensors preallocated in `BatchSampler`; a row without penalties,
 bias, bans or logprobs costs nothing extra, so default requests produce exactly the ids they always did.
 """
