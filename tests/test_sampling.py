@@ -397,3 +397,19 @@ def test_fork_shares_one_encoding_and_samples_distinct_choices(model, processor,
     assert results[0].token_ids == alone.token_ids, "choice 0 is the n=1 answer"
     with pytest.raises(ValueError, match="n must be"):
         engine.fork(base, 0)
+
+
+def test_grammar_wins_over_ngram_bans_and_banned_tokens_are_no_alternatives(engine):
+    # the only valid answer repeats tokens (two quotes at least), which no_repeat_ngram_size=1 alone would forbid
+    res = run(
+        engine,
+        max_new_tokens=40,
+        json_schema={"enum": ["total total total"]},
+        no_repeat_ngram_size=1,
+        logprobs=True,
+        top_logprobs=20,
+    )
+    assert res.finish_reason == "stop" and json.loads(res.text) == "total total total"
+    for lp in res.logprobs:
+        assert lp.top_logprobs and all(t.logprob > float("-inf") for t in lp.top_logprobs)
+    assert any(len(lp.top_logprobs) < 20 for lp in res.logprobs), "the mask should leave fewer than 20 tokens"
