@@ -34,7 +34,14 @@ import torch
 from .cache import KVCache, MediaKV
 from .infimm import InfiMMHD
 from .processor import ChatMessage, Processor, PromptFormat
-from .sampling import IncrementalDetokenizer, SamplingParams, byte_token_ids, make_generator, sample_tokens
+from .sampling import (
+    BatchSampler,
+    IncrementalDetokenizer,
+    SamplingParams,
+    SequenceState,
+    TokenLogprob,
+    byte_token_ids,
+)
 from .text import SelfAttnContext
 from .windows import PageViews, WindowConfig, normalize_views
 from .xattn import CrossAttnInputs
@@ -85,11 +92,13 @@ class Result:
     request_id: str
     token_ids: list[int]
     text: str
-    finish_reason: str  # "stop" | "length" | "abort" (cancelled) | "error" (the engine step failed)
+    # "stop" | "length" | "repetition" (the repetition guard saw a loop) | "abort" (cancelled) | "error" (step failed)
+    finish_reason: str
     prompt_tokens: int
     completion_tokens: int
     timings: Timings
     cached_images: int = 0  # images whose features came from the feature cache
+    logprobs: list[TokenLogprob] | None = None  # with SamplingParams.logprobs: one per token of token_ids
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,12 +106,14 @@ class Result:
 
 @dataclass
 class Delta:
-    """One streamed piece: new text (possibly empty) and, on the last one, the full result."""
+    """One streamed piece: new text (possibly empty), the tokens generated since the previous delta (their
+    concatenation over a stream is Result.token_ids), their logprobs if asked, and, on the last one, the full result."""
 
     request_id: str
     text: str
     token_ids: list[int]
     result: Result | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class EngineObserver:
@@ -121,9 +132,10 @@ class _Seq:
     sink: Callable[[Delta], None] | None
     detok: IncrementalDetokenizer
     stop_ids: frozenset[int]
-    generator: torch.Generator | None = None
+    state: SequenceState  # sampling state: generator, n-gram table, guard, grammar, logprobs
     slot: int = -1
     tokens: list[int] = field(default_factory=list)
+    unsent: int = 0  # tokens[-unsent:] are not in a streamed delta yet (their text is held back)
     media: list[torch.Tensor] = field(default_factory=list)  # (M_i, Dv) per image, held while waiting for prefill
     timings: Timings = field(default_factory=Timings)
     first_token_at: float = 0.0
@@ -213,6 +225,7 @@ class Engine:
         self.features = FeatureCache(config.feature_cache_mb * 2**20)
         self.default_stop = tuple(processor.stop_token_ids)
         self.byte_ids = byte_token_ids(processor.tokenizer)
+        self.sampler = BatchSampler(S, mc.text.vocab_size, self.device, processor.tokenizer, self.default_stop)
         self._lock = threading.Lock()  # guards `waiting` and abort flags between callers and the loop thread
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -268,6 +281,26 @@ class Engine:
             req.request_id = request_id
         return req
 
+    def fork(self, request: Request, n: int) -> list[Request]:
+        """`n` choices of one request (OpenAI's `n`): copies sharing its images, so a page is encoded once (in one
+        encode batch, or from the feature cache when they are admitted in different steps). Ids are `{id}-{i}`; when
+        sampling, choice i gets seed `seed + i` (choice 0 is the n=1 answer) or, without a seed, its own random seed."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        s = request.sampling
+        out = []
+        for i in range(n):
+            seed = s.seed + i if (s.seed is not None and not s.greedy) else s.seed
+            out.append(
+                dataclasses.replace(
+                    request,
+                    images=list(request.images),
+                    sampling=dataclasses.replace(s, seed=seed),
+                    request_id=f"{request.request_id}-{i}",
+                )
+            )
+        return out
+
     def validate(self, request: Request) -> None:
         """Raise ValueError for a request this engine can never run (checked before queueing)."""
         L, new = len(request.prompt_ids), request.sampling.max_new_tokens
@@ -278,6 +311,12 @@ class Engine:
                 f"prompt of {L} tokens + max_new_tokens {new} is over the {self.config.max_seq_len}-token "
                 "context of this engine; shorten the prompt or lower max_tokens"
             )
+        vocab = self.model.config.text.vocab_size
+        for token, _ in request.sampling.logit_bias:
+            if token >= vocab:
+                raise ValueError(f"logit_bias token id {token} is outside this model's vocabulary of {vocab}")
+        if request.sampling.json_schema is not None:
+            self.sampler.grammar_tokenizer()  # raises ValueError if llguidance cannot read this tokenizer
         n_img = sum(1 for t in request.prompt_ids if t == self.model.config.image_token_id)
         if n_img != len(request.images):
             raise ValueError(f"prompt has {n_img} <image> tokens but {len(request.images)} images were given")
@@ -302,7 +341,7 @@ class Engine:
             sink=sink,
             detok=IncrementalDetokenizer(self.processor.tokenizer, tuple(s.stop), self.byte_ids),
             stop_ids=stop_ids,
-            generator=make_generator(s, self.device),
+            state=self.sampler.new_state(s),
         )
 
     # ---- synchronous API --------------------------------------------------------------------------------------------
@@ -537,7 +576,9 @@ class Engine:
                 self.media.key_time[s.slot] = 0
                 self.slot_text_time[s.slot] = 0
             s.media = []  # features no longer needed by this request
-        tokens = sample_tokens(logits, [s.request.sampling for s in seqs], [s.generator for s in seqs])
+        for s in seqs:
+            self.sampler.admit(s.slot, s.state, s.request.prompt_ids)
+        tokens = self.sampler.sample(logits, [s.slot for s in seqs], [s.state for s in seqs])
         seconds = time.perf_counter() - t0
         self.observer.on_prefill(B, sum(lengths), seconds)
         now = time.perf_counter()
@@ -577,7 +618,7 @@ class Engine:
         if logits is None:
             logits = self.decode_forward(n, kv_len, m, tokens, positions)
         rows = [s.slot for s in active]
-        sampled = sample_tokens(logits[rows], [s.request.sampling for s in active], [s.generator for s in active])
+        sampled = self.sampler.sample(logits[rows], rows, [s.state for s in active])
         self.observer.on_decode_step(len(active), time.perf_counter() - t0)
         for s, tok in zip(active, sampled, strict=True):
             self._emit(s, tok)
@@ -609,19 +650,23 @@ class Engine:
     # ---- per-token bookkeeping ---------------------------------------------------------------------------------------
     def _emit(self, seq: _Seq, token: int) -> None:
         seq.tokens.append(token)
+        seq.unsent += 1
         delta = seq.detok.push(token)
         p = seq.request.sampling
         if token in seq.stop_ids and len(seq.tokens) >= p.min_new_tokens:
             reason = "stop"
-        elif seq.detok.stopped_at is not None:
+        elif seq.detok.stopped_at is not None or seq.state.grammar_done:
             reason = "stop"
+        elif seq.state.repeating:
+            reason = "repetition"
         elif len(seq.tokens) >= p.max_new_tokens:
             reason = "length"
         else:
             reason = None
         if reason is None:
             if delta and seq.sink:
-                seq.sink(Delta(seq.request.request_id, delta, [token]))
+                ids, logprobs = self._unsent(seq)
+                seq.sink(Delta(seq.request.request_id, delta, ids, logprobs=logprobs))
             return
         self._finish(seq, reason, pending=delta)
 
@@ -643,10 +688,19 @@ class Engine:
             completion_tokens=len(seq.tokens),
             timings=t,
             cached_images=seq.cached_images,
+            logprobs=list(seq.state.logprobs) if seq.request.sampling.logprobs else None,
         )
         self.observer.on_finish(result)
         if seq.sink:
-            seq.sink(Delta(seq.request.request_id, rest, seq.tokens[-1:] if seq.tokens else [], result))
+            ids, logprobs = self._unsent(seq)
+            seq.sink(Delta(seq.request.request_id, rest, ids, result, logprobs))
+
+    @staticmethod
+    def _unsent(seq: _Seq) -> tuple[list[int], list[TokenLogprob] | None]:
+        """The tokens (and logprobs) not yet in a delta; marks them sent."""
+        k, seq.unsent = seq.unsent, 0
+        ids = seq.tokens[len(seq.tokens) - k :]
+        return ids, (seq.state.logprobs[len(seq.tokens) - k :] if seq.request.sampling.logprobs else None)
 
     def _fail_all(self, reason: str) -> None:
         with self._lock:
