@@ -2,7 +2,7 @@
 PY ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test bench lint dashboard
 setup: .setup-stamp
 .setup-stamp: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
@@ -23,3 +23,6 @@ bench: setup
 	$(PY) benchmarks/engine_cpu.py
 	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/serve.py
+
+dashboard: setup  # rebuild infra/grafana/infimm-hd.json from infra/grafana/dashboard.py (Grafana foundation SDK)
+	$(PY) infra/grafana/dashboard.py
