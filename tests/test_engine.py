@@ -223,8 +223,17 @@ def _question_and_page(req, processor):
     return question, [req.images[0]]
 
 
-def test_cancelled_stream_frees_its_slot(model, processor):
-    engine = Engine(model, processor, EngineConfig(max_slots=1, max_seq_len=300))
+class Finishes(EngineObserver):
+    def __init__(self):
+        self.results = {}
+
+    def on_finish(self, result):
+        self.results[result.request_id] = result
+
+
+def test_cancelled_stream_is_aborted_and_frees_its_slot(model, processor):
+    finishes = Finishes()
+    engine = Engine(model, processor, EngineConfig(max_slots=1, max_seq_len=300), observer=finishes)
 
     async def run():
         req = engine.make_request(QUESTIONS[0], [PAGES[0]], SamplingParams(max_new_tokens=150, stop_token_ids=()))
@@ -232,13 +241,17 @@ def test_cancelled_stream_frees_its_slot(model, processor):
         await agen.__anext__()
         await agen.aclose()  # client went away
         follow = engine.make_request(QUESTIONS[1], [PAGES[1]], SamplingParams(max_new_tokens=3))
-        return await asyncio.wait_for(engine.complete(follow), timeout=60)
+        return req, await asyncio.wait_for(engine.complete(follow), timeout=60)
 
     try:
-        result = asyncio.run(run())
+        req, result = asyncio.run(run())
     finally:
         engine.shutdown()
-    assert result.finish_reason in ("stop", "length") and engine.stats()["active"] == 0
+    cancelled = finishes.results[req.request_id]  # the follow-up ran after it in the only slot, so it has finished
+    assert cancelled.finish_reason == "abort", f"the cancelled stream finished as {cancelled.finish_reason!r}"
+    assert cancelled.completion_tokens < 150, "the cancelled stream ran to its token limit"
+    assert result.finish_reason in ("stop", "length"), result.finish_reason
+    assert engine.stats()["active"] == 0, engine.stats()
 
 
 def test_incremental_detokenizer_matches_full_decode(processor):
