@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import io
 import struct
 import threading
@@ -90,9 +91,15 @@ def run_asgi(app, port: int):
         thread.join(timeout=10)
 
 
-async def until(cond, what: str, timeout: float = 60.0) -> None:
-    """Poll `cond()` from async test code, bounded; fail with `what` if it never holds."""
+async def until(cond, what: str, timeout: float = 60.0, interval: float = 0.05) -> None:
+    """Poll `cond()` from async test code, bounded; fail with `what` if it never holds. `cond` may be a coroutine
+    function (for checks that do I/O: they must not block the event loop the test's clients run on)."""
     deadline = time.monotonic() + timeout
-    while not cond() and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
-    assert cond(), what
+    while True:
+        ok = cond()
+        if inspect.isawaitable(ok):
+            ok = await ok
+        if ok:
+            return
+        assert time.monotonic() < deadline, f"{what} not reached within {timeout:.0f}s"
+        await asyncio.sleep(interval)

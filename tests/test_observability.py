@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-import time
 
 import httpx
 import pytest
@@ -24,6 +23,7 @@ from runtime.metrics import CATALOG, exported_name
 from .conftest import ROOT, free_port
 from .pipeline_helpers import config as job_config
 from .pipeline_helpers import write_files
+from .serve_helpers import wait_for as poll
 
 INFRA = ROOT / "infra"
 RANGE = "5m"  # what Grafana's $__rate_interval becomes in these queries
@@ -61,18 +61,16 @@ def prometheus(ray_session, ray_metrics_port, tmp_path_factory):
         stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, (folder / "prometheus.log").read_text()[-2000:]
+        try:
+            return httpx.get(base + "/-/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (folder / "prometheus.log").read_text()[-2000:]
-            try:
-                if httpx.get(base + "/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("Prometheus did not become ready in 60 s")
+        poll(ready, 60, 0.5, "Prometheus ready")
         yield base
     finally:
         proc.terminate()
@@ -88,13 +86,8 @@ def query(base: str, expr: str) -> dict:
 
 
 def wait_for(base: str, expr: str, timeout: float = 90.0) -> list:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = query(base, expr)["result"]
-        if result:
-            return result
-        time.sleep(1)
-    pytest.fail(f"no data for {expr} within {timeout:.0f} s")
+    """The first non-empty result of `expr`, polled once a second (the scrape interval) for at most `timeout` s."""
+    return poll(lambda: query(base, expr)["result"], timeout, 1.0, f"data for {expr}")
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +141,10 @@ def traffic(prometheus, ray_session, tiny_checkpoint, tmp_path_factory):
         wait_for(prometheus, 'ray_infimm_pages_total{frontend="batch"}')
         wait_for(prometheus, 'ray_infimm_requests_total{frontend="serve"}')
         wait_for(prometheus, "ray_infimm_rejected_requests_total")
-        time.sleep(3)  # a few more scrapes, so rate() has two samples after the last change
+        # rate() and increase() need two samples of a series in their range: wait for them on the series the HTTP
+        # requests created last (the batch job's series have had them since the job ended)
+        wait_for(prometheus, f'rate(ray_infimm_requests_total{{frontend="serve"}}[{RANGE}])')
+        wait_for(prometheus, f"increase(ray_infimm_rejected_requests_total[{RANGE}])")
         yield summary
     finally:
         serve.delete(name)

@@ -382,7 +382,15 @@ def test_full_model_queue_answers_503_with_retry_after_and_disconnects_abort(ser
             for _ in range(MODEL_QUEUED):
                 queued.append(asyncio.create_task(hold()))
                 await asyncio.sleep(0.1)
-            await asyncio.sleep(1.0)  # they reach the ingress's handle queue (and stay there: the replica is full)
+
+            async def queued_in_ingress() -> bool:  # they reach the ingress's handle queue (the replica is full)
+                samples = await asyncio.to_thread(scrape, ray_metrics_port)
+                n = _count(
+                    samples, "ray_serve_deployment_queued_queries", application=serve_app.name, deployment="InfimmModel"
+                )
+                return n >= MODEL_QUEUED
+
+            await until(queued_in_ingress, f"{MODEL_QUEUED} requests queued for the model replica", 60, 0.5)
             assert len(started) == MODEL_ONGOING and not any(t.done() for t in running + queued), [
                 t.exception() for t in running + queued if t.done()
             ]
