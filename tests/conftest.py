@@ -54,6 +54,7 @@ def ray_session(ray_metrics_port, tmp_path_factory):
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # always a private Ray: never attach to a cluster some `ray start` left running
             num_cpus=4,
             include_dashboard=False,
             _metrics_export_port=ray_metrics_port,
