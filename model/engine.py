@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from .cache import KVCache, MediaKV
 from .infimm import InfiMMHD
@@ -42,7 +43,7 @@ from .sampling import (
     TokenLogprob,
     byte_token_ids,
 )
-from .text import SelfAttnContext
+from .text import Kernels, SelfAttnContext
 from .windows import PageViews, WindowConfig, normalize_views
 from .xattn import CrossAttnInputs
 
@@ -55,10 +56,20 @@ class EngineConfig:
     max_seq_len: int = 1024  # prompt + new tokens per slot
     max_views: int | None = None  # views of the image a slot keeps for decoding; None: the processor's max_windows + 1
     vit_batch_views: int = 32  # views per ViT forward (bounds activation memory)
-    max_prefill_batch: int = 8  # requests admitted and prefilled together (bounds transient media K/V memory)
+    max_prefill_batch: int = 16  # requests admitted and prefilled together (bounds transient media K/V memory)
     feature_cache_mb: int = 1024  # LRU of encoded pages by `PageViews.cache_key`
     cuda_graphs: bool = True  # capture decode steps on CUDA (ignored on CPU)
-    kv_bucket: int = 128  # decode attends to a multiple of this many columns (bounds graph variants)
+    kv_bucket: int = 32  # decode attends to a multiple of this many columns (finer: less read; coarser: fewer graphs)
+    # Hot-path switches. Each gives the same tokens on or off (tests/test_engine.py); benchmarks/gpu.py measures each.
+    interleave_vit: bool = True  # encode at most `vit_step_views` views per step, decoding the running slots between
+    vit_step_views: int = 64  # (whole pages, at least one) so decode never waits for the ViT of a whole admission
+    dense_attention: bool = True  # no mask where every query may attend every key (lets SDPA use flash kernels)
+    media_align: int = 128  # media buffers, and media lengths decoded with a mask, padded to a multiple of this
+    precompute: bool = True  # RoPE cos/sin cast once per step, gate tanh once per engine (not in every layer)
+    fused_norm: bool = True  # RMSNorm through F.rms_norm (1 reduction kernel instead of 5 element-wise ones)
+    compile: bool = False  # torch.compile RMSNorm and SwiGLU (compile time dominates on the CPU)
+    vocab_pad: int = 64  # output GEMM over the vocabulary padded to a multiple of this (logits sliced back); 0: off
+    late_copy: bool | None = None  # sampled ids copied to the host one step late (None: on CUDA only); see _decode
 
 
 @dataclass
@@ -142,10 +153,25 @@ class _Seq:
     cached_images: int = 0
     finish_reason: str | None = None
     aborted: bool = False
+    pending: bool = False  # a token sampled on the device that the host has not read yet (late copy)
+    late_ok: bool | None = None  # may be sampled on the device (Engine._late_ok), decided once
 
     @property
-    def position(self) -> int:  # position (= cache column) of the last token
+    def position(self) -> int:  # position (= cache column) of the last token the host knows
         return len(self.request.prompt_ids) + len(self.tokens) - 1
+
+    @property
+    def has_last_token(self) -> bool:  # the pending token is the last one this request can get
+        return self.pending and len(self.tokens) + 1 >= self.request.sampling.max_new_tokens
+
+
+@dataclass
+class _Pending:
+    """Device-sampled ids of one decode step on their way to the host: `host` (S,) is filled when `event` fires."""
+
+    seqs: list[_Seq]
+    host: torch.Tensor
+    event: torch.cuda.Event | None
 
 
 class FeatureCache:
@@ -196,6 +222,8 @@ class Engine:
             config = dataclasses.replace(config, max_views=processor.windows.max_windows + 1)
             self.config = config
         self.max_media_tokens = config.max_views * mc.vision.tokens
+        align = max(1, config.media_align)
+        capacity = -(-self.max_media_tokens // align) * align  # buffer columns: a kernel-friendly multiple
         if config.max_seq_len > mc.text.max_positions:
             raise ValueError(f"max_seq_len={config.max_seq_len} is over the model's {mc.text.max_positions} positions")
         S = config.max_slots
@@ -211,7 +239,7 @@ class Engine:
         self.media = MediaKV.empty(
             len(mc.xattn_layers),
             S,
-            self.max_media_tokens,
+            capacity,
             mc.xattn.heads,
             mc.xattn.dim_head,
             dtype=self.dtype,
@@ -230,8 +258,28 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
         self._running = False
-        self._graphs = DecodeGraphs(self) if (config.cuda_graphs and self.device.type == "cuda") else None
+        self._graphs = DecodeGraphs(S, self.device) if (config.cuda_graphs and self.device.type == "cuda") else None
+        self.graph_fallback: str | None = None  # why decode went eager after asking for CUDA graphs
+        self.graph_oom_steps = 0  # steps run eagerly because a graph of that size did not fit
         self.steps = 0
+        self._staged: dict[str, list] = {}  # interleaved ViT: key -> [features (M, Dv), encode seconds, charged]
+        self._kernels = Kernels.make(fused_norm=config.fused_norm, compile=config.compile)
+        self._gates = None
+        with torch.no_grad():
+            if config.precompute:
+                self._gates = [(b.attn_gate.tanh(), b.ff_gate.tanh()) for b in model.xattn.values()]  # (D,) each
+            w = model.decoder.lm_head.weight  # (vocab, D)
+            pad = (-w.shape[0]) % config.vocab_pad if config.vocab_pad else 0
+            self._lm_weight = torch.cat((w, w.new_zeros(pad, w.shape[1]))) if pad else w  # (vocab + pad, D)
+        self.vocab = w.shape[0]
+        late = config.late_copy if config.late_copy is not None else self.device.type == "cuda"
+        self._late = late
+        self._pending: _Pending | None = None
+        if late:  # two host buffers: one being filled by the device while the host reads the other
+            pin = self.device.type == "cuda"
+            self._host_ids = [torch.zeros(S, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+            self._dev_ids = torch.zeros(S, dtype=torch.long, device=self.device)  # last sampled id per slot
+            self._flip = 0
         log.info(
             "engine: %d slots x %d tokens, KV %.2f GB, media %.2f GB, %s %s",
             S,
@@ -452,11 +500,38 @@ class Engine:
             "steps": self.steps,
         }
 
+    def graph_report(self) -> dict:
+        """What really ran, not what was asked for: `used` is False when graphs were refused, fell back or never ran."""
+        g = self._graphs
+        return {
+            "requested": self.config.cuda_graphs,
+            "used": g is not None and g.replays > 0 and self.graph_fallback is None,
+            "captures": len(g.graphs) if g else 0,
+            "capture_s": g.capture_s if g else 0.0,
+            "replays": g.replays if g else 0,
+            "fallback": self.graph_fallback,
+            "oom_eager_steps": self.graph_oom_steps,
+        }
+
+    def close(self) -> None:
+        """Stop the loop and drop every device buffer now (caches, graphs), even if something still holds the engine."""
+        self.shutdown()
+        self._fail_all("abort")
+        self._graphs = None
+        self.kv = self.media = None
+        self._lm_weight = self._gates = self._dev_ids = None
+        self.features = FeatureCache(0)
+        self._staged.clear()
+
     # ---- the loop ---------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> None:
+        if self.kv is None:
+            raise RuntimeError("engine is closed")
         self.steps += 1
         self._drop_aborted()
+        if self.config.interleave_vit:
+            self._encode_ahead()
         admitted = self._admit()
         if admitted:
             self._encode(admitted)
@@ -476,11 +551,20 @@ class Engine:
             if s is not None and s.aborted:
                 self._finish(s, "abort")
 
+    def _ready(self, seq: _Seq) -> bool:
+        """Every page of the request is encoded (staged, cached or given as features)."""
+        return all(
+            isinstance(p, EncodedImage) or p.cache_key in self._staged or p.cache_key in self.features.items
+            for p in seq.request.images
+        )
+
     def _admit(self) -> list[_Seq]:
         free = [i for i, s in enumerate(self.slots) if s is None]
         admitted = []
         with self._lock:
             while free and self.waiting and len(admitted) < self.config.max_prefill_batch:
+                if self.config.interleave_vit and not self._ready(self.waiting[0]):
+                    break  # first in, first out: wait for the head's pages (being encoded a chunk per step)
                 seq = self.waiting.popleft()
                 seq.slot = free.pop(0)  # lowest free slot first: keeps the active prefix short
                 self.slots[seq.slot] = seq
@@ -490,40 +574,67 @@ class Engine:
             seq.timings.queue_s = now - seq.request.arrival
         return admitted
 
+    def _encode_ahead(self) -> None:
+        """Interleaved ViT: encode up to `vit_step_views` views (whole pages, at least one) of the pages that the next
+        requests to get a free slot need; the running slots decode after this chunk instead of after all of them."""
+        free = sum(1 for s in self.slots if s is None)
+        with self._lock:
+            upcoming = list(itertools.islice(self.waiting, min(free, self.config.max_prefill_batch)))
+        todo: dict[str, PageViews] = {}
+        views = 0
+        for seq in upcoming:
+            for page in seq.request.images:
+                if isinstance(page, EncodedImage):
+                    continue
+                key = page.cache_key
+                if key in todo or key in self._staged or key in self.features.items:
+                    continue
+                if todo and views + page.n_views > self.config.vit_step_views:
+                    break
+                todo[key] = page
+                views += page.n_views
+        if todo:
+            encoded, seconds = self._run_vit(todo)
+            for key, feats in encoded.items():
+                self._staged[key] = [feats, seconds, False]
+
+    def _run_vit(self, todo: dict[str, PageViews]) -> tuple[dict[str, torch.Tensor], float]:
+        """ViT over the views of these pages, all pages together in chunks of `vit_batch_views` -> media per page."""
+        t0 = time.perf_counter()
+        encoded: dict[str, torch.Tensor] = {}
+        pages = iter(todo.items())
+        views = torch.cat([p.views for p in todo.values()])  # (sum V, 3, 448, 448) uint8, still on the host
+        key, page = next(pages)
+        parts: list[torch.Tensor] = []
+        for chunk in views.split(self.config.vit_batch_views):
+            x = normalize_views(chunk.to(self.device, non_blocking=True), self.dtype)
+            feats = self.model.encode_views(x)  # (v, N, Dv)
+            while feats.shape[0]:  # hand the chunk's views to their pages; a page may span chunks
+                take = page.n_views - sum(t.shape[0] for t in parts)
+                parts.append(feats[:take])
+                feats = feats[take:]
+                if sum(t.shape[0] for t in parts) == page.n_views:  # page complete: its media, then free views
+                    encoded[key] = self.model.build_media(torch.cat(parts), page.rows, page.cols)  # (V*N, Dv)
+                    self.features.put(key, encoded[key])
+                    parts = []
+                    key, page = next(pages, (None, None))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        self.observer.on_encode(views.shape[0], seconds)
+        return encoded, seconds
+
     def _encode(self, seqs: list[_Seq]) -> None:
-        """ViT over the views of every page these requests need that is not cached, all pages together."""
+        """Media of these admitted requests: staged (interleaved ViT), cached, or encoded now, all pages together."""
         todo: dict[str, PageViews] = {}
         for seq in seqs:
             for page in seq.request.images:
                 if isinstance(page, EncodedImage):
                     continue
                 key = page.cache_key
-                if self.features.get(key) is None and key not in todo:
+                if key not in self._staged and self.features.get(key) is None and key not in todo:
                     todo[key] = page
-        encoded: dict[str, torch.Tensor] = {}
-        seconds = 0.0
-        if todo:
-            t0 = time.perf_counter()
-            pages = iter(todo.items())
-            views = torch.cat([p.views for p in todo.values()])  # (sum V, 3, 448, 448) uint8, still on the host
-            key, page = next(pages)
-            parts: list[torch.Tensor] = []
-            for chunk in views.split(self.config.vit_batch_views):
-                x = normalize_views(chunk.to(self.device, non_blocking=True), self.dtype)
-                feats = self.model.encode_views(x)  # (v, N, Dv)
-                while feats.shape[0]:  # hand the chunk's views to their pages; a page may span chunks
-                    take = page.n_views - sum(t.shape[0] for t in parts)
-                    parts.append(feats[:take])
-                    feats = feats[take:]
-                    if sum(t.shape[0] for t in parts) == page.n_views:  # page complete: its media, then free views
-                        encoded[key] = self.model.build_media(torch.cat(parts), page.rows, page.cols)  # (V*N, Dv)
-                        self.features.put(key, encoded[key])
-                        parts = []
-                        key, page = next(pages, (None, None))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            seconds = time.perf_counter() - t0
-            self.observer.on_encode(views.shape[0], seconds)
+        encoded, seconds = self._run_vit(todo) if todo else ({}, 0.0)
         charged: set[str] = set()
         for seq in seqs:
             for page in seq.request.images:
@@ -531,16 +642,30 @@ class Engine:
                     seq.media.append(page.features.to(self.device, self.dtype))
                     continue
                 key = page.cache_key
-                if key in encoded and key not in charged:  # the first request asking for a page pays its encode
+                staged = self._staged.get(key)
+                if staged is not None and not staged[2]:  # encoded a step or more ago for this request
+                    staged[2] = True
+                    seq.timings.encode_s = staged[1]
+                elif key in encoded and key not in charged:  # the first request asking for a page pays its encode
                     charged.add(key)
                     seq.timings.encode_s = seconds
-                else:  # shared: encoded for another request of this batch, or a feature-cache hit
+                else:  # shared: encoded for another request, or a feature-cache hit
                     seq.cached_images += 1
-                seq.media.append(encoded.get(key) if key in encoded else self.features.get(key))
+                feats = staged[0] if staged is not None else encoded.get(key)
+                seq.media.append(feats if feats is not None else self.features.get(key))
+        if self._staged:  # keep staged pages only while a waiting request still needs them
+            with self._lock:
+                needed = {p.cache_key for s in self.waiting for p in s.request.images if isinstance(p, PageViews)}
+            for key in [k for k in self._staged if k not in needed]:
+                del self._staged[key]
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (B, D) -> float32 logits (B, vocab); the GEMM runs over the padded vocabulary, sliced back."""
+        return F.linear(h, self._lm_weight)[:, : self.vocab].float()
 
     def _prefill(self, seqs: list[_Seq]) -> None:
         t0 = time.perf_counter()
-        model, dev = self.model, self.device
+        model, dev, cfg = self.model, self.device, self.config
         B = len(seqs)
         ids, mask = self.processor.pad([s.request.prompt_ids for s in seqs], side="right")
         ids, mask = ids.to(dev), mask.to(dev)
@@ -560,13 +685,18 @@ class Engine:
                     key_time[row, offset : offset + m.shape[0]] = item
                     offset += m.shape[0]
             media_kv = model.project_media(flat, key_time=key_time)
-        ctx, xin = model.prefill_inputs(ids, mask, media_kv)
+        ctx, xin = model.prefill_inputs(
+            ids, mask, media_kv, dense=cfg.dense_attention, rope_dtype=self.dtype if cfg.precompute else None
+        )
+        if xin is not None:
+            xin.gates = self._gates
+        ctx.kernels = self._kernels
         lengths_t = torch.tensor(lengths, device=dev)
         self.kv.valid[slots] = torch.arange(self.kv.max_len, device=dev)[None, :] < lengths_t[:, None]
         ctx.cache, ctx.slots, ctx.cols = self.kv, slots, torch.arange(T, device=dev).expand(B, T)
         h = model.decode_layers(ids, ctx, xin)  # (B, T, D)
         last = h[torch.arange(B, device=dev), lengths_t - 1]  # (B, D)
-        logits = model.decoder.lm_head(last).float()
+        logits = self._logits(last)
         for row, s in enumerate(seqs):
             if media_kv is not None and s.media:
                 self.media_len[s.slot] = self.media.store_last_image(s.slot, media_kv, row)
@@ -588,48 +718,116 @@ class Engine:
             s.timings.ttft_s = now - s.request.arrival
             self._emit(s, tok)
 
+    @staticmethod
+    def _late_ok(seq: _Seq) -> bool:
+        """Greedy with nothing that reads the host's token history: its next id is argmax(logits) on the device.
+
+        Any sampling field not listed here (penalties, logit bias, logprobs, ...) keeps the request on the
+        synchronous path, so a new feature is safe by default."""
+        if seq.late_ok is None:
+            p = seq.request.sampling
+            keep = ("max_new_tokens", "min_new_tokens", "stop_token_ids", "stop", "seed")
+            seq.late_ok = p.greedy and dataclasses.replace(SamplingParams(), **{k: getattr(p, k) for k in keep}) == p
+        return seq.late_ok
+
     def _decode(self) -> None:
+        """One token for every running slot.
+
+        Late copy (`_late`): when every running request is plain greedy, the ids are taken on the device (argmax),
+        fed straight into the next step, and copied into pinned host memory without waiting; the host reads them one
+        step later, after the next step is queued, so the device never idles while the host detokenizes. A request
+        that stopped is then seen one step late: that one extra row is computed and dropped (rows are independent,
+        so the tokens are the same).
+        """
         t0 = time.perf_counter()
-        active = [s for s in self.slots if s is not None]
+        active = [s for s in self.slots if s is not None and not s.has_last_token]
+        if not active:  # only pending last tokens left: read them
+            self._resolve_pending()
+            return
         n = max(s.slot for s in active) + 1
         n = min(self.config.max_slots, 1 << (n - 1).bit_length()) if self._graphs else n  # few graph sizes
         tokens = torch.zeros(n, dtype=torch.long)
         positions = torch.zeros(n, dtype=torch.long)
+        on_device = torch.zeros(n, dtype=torch.bool)  # input id is the pending one, still on the device
         for s in active:
             if s.slot < n:
                 tokens[s.slot] = s.tokens[-1]
-                positions[s.slot] = s.position
+                positions[s.slot] = s.position + s.pending
+                on_device[s.slot] = s.pending
         kv_len = min(
             self.config.max_seq_len, -(-(int(positions.max()) + 1) // self.config.kv_bucket) * self.config.kv_bucket
         )
-        m = max(self.media_len[:n])
-        m = -(-m // self.model.config.vision.tokens) * self.model.config.vision.tokens  # whole views: few graph sizes
+        m, dense = self._media_extent(active, n)
         tokens, positions = tokens.to(self.device), positions.to(self.device)
+        if bool(on_device.any()):
+            tokens = torch.where(on_device.to(self.device), self._dev_ids[:n], tokens)
         logits = None
         if self._graphs is not None:
             try:
-                logits = self._graphs.run(n, kv_len, m, tokens, positions)
+                logits = self._graphs.run(self.decode_forward, (n, kv_len, m, dense), tokens, positions)
             except torch.cuda.OutOfMemoryError:  # this size does not fit right now: one eager step, graphs kept
                 log.warning("no memory for a CUDA graph of %d slots x %d keys: this step runs eagerly", n, kv_len)
+                self.graph_oom_steps += 1
                 torch.cuda.empty_cache()
-            except RuntimeError:  # capture itself failed (driver, kernel): keep serving, eagerly
+            except RuntimeError as e:  # capture itself failed (driver, kernel): keep serving, eagerly
                 log.exception("CUDA graph capture failed; decoding without CUDA graphs from now on")
+                self.graph_fallback = f"{type(e).__name__}: {e}"[:500]
                 self._graphs = None
         if logits is None:
-            logits = self.decode_forward(n, kv_len, m, tokens, positions)
-        rows = [s.slot for s in active]
-        sampled = self.sampler.sample(logits[rows], rows, [s.state for s in active])
+            logits = self.decode_forward(n, kv_len, m, dense, tokens, positions)
+        if self._late and all(self._late_ok(s) for s in active):
+            ids = logits.argmax(-1)  # (n,) on the device
+            self._dev_ids[:n].copy_(ids)
+            self._flip ^= 1
+            host = self._host_ids[self._flip]
+            host[:n].copy_(ids, non_blocking=True)
+            event = None
+            if self.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+            self._resolve_pending()  # the previous step's ids, while this step runs
+            live = [s for s in active if s.finish_reason is None]
+            for s in live:
+                s.pending = True
+            self._pending = _Pending(live, host, event)
+        else:
+            self._resolve_pending()  # first: the sampler's host state must see the pending ids before this step's
+            rows = [s.slot for s in active]
+            sampled = self.sampler.sample(logits[rows], rows, [s.state for s in active])
+            for s, tok in zip(active, sampled, strict=True):
+                if s.finish_reason is None:  # not stopped by its pending token
+                    self._emit(s, tok)
         self.observer.on_decode_step(len(active), time.perf_counter() - t0)
-        for s, tok in zip(active, sampled, strict=True):
-            self._emit(s, tok)
+
+    def _resolve_pending(self) -> None:
+        """Emit the ids of the previous late-copy step (waits only for that step's copy, not for the current one)."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return
+        if p.event is not None:
+            p.event.synchronize()
+        for s in p.seqs:
+            if s.pending and s.finish_reason is None:
+                s.pending = False
+                self._emit(s, int(p.host[s.slot]))
+
+    def _media_extent(self, active: list[_Seq], n: int) -> tuple[int, bool]:
+        """Media columns to attend in this step and whether no mask is needed (every row with media fills them all)."""
+        tokens = self.model.config.vision.tokens
+        lengths = [self.media_len[s.slot] for s in active if s.slot < n]  # other rows' outputs are dropped
+        m = -(-max(lengths) // tokens) * tokens  # whole views: few graph sizes
+        if self.config.dense_attention and all(x in (0, m) for x in lengths):
+            return m, True
+        align = max(1, self.config.media_align)
+        return min(self.media.max_tokens, -(-m // align) * align), False
 
     def decode_forward(
-        self, n: int, kv_len: int, m: int, tokens: torch.Tensor, positions: torch.Tensor
+        self, n: int, kv_len: int, m: int, dense: bool, tokens: torch.Tensor, positions: torch.Tensor
     ) -> torch.Tensor:
-        """One token for slots [0, n): device work only, no host syncs, fixed shapes for given (n, kv_len, m)."""
+        """One token for slots [0, n): device work only, no host syncs, fixed shapes for given (n, kv_len, m, dense)."""
         model = self.model
         self.kv.valid[self.slot_ids[:n], positions] = True
-        cos, sin = model.decoder.rope_at(positions[:, None])
+        cos, sin = model.decoder.rope_at(positions[:, None], self.dtype if self.config.precompute else None)
         ctx = SelfAttnContext(
             cos=cos,
             sin=sin,
@@ -639,13 +837,16 @@ class Engine:
             slots=self.slot_ids[:n],
             cols=positions[:, None],
             kv_len=kv_len,
+            kernels=self._kernels,
         )
         xin = None
         if m > 0:
             text_time = self.slot_text_time[:n, None]
-            xin = CrossAttnInputs.build(self.media.rows(n, m), text_time, flag=text_time[:, 0] > 0)
+            xin = CrossAttnInputs.build(
+                self.media.rows(n, m), text_time, flag=text_time[:, 0] > 0, dense=dense, gates=self._gates
+            )
         h = model.decode_layers(tokens[:, None], ctx, xin)
-        return model.decoder.lm_head(h[:, -1]).float()  # (n, vocab)
+        return self._logits(h[:, -1])  # (n, vocab)
 
     # ---- per-token bookkeeping ---------------------------------------------------------------------------------------
     def _emit(self, seq: _Seq, token: int) -> None:
@@ -706,50 +907,60 @@ class Engine:
         with self._lock:
             seqs = list(self.waiting) + [s for s in self.slots if s]
             self.waiting.clear()
+        self._pending = None
+        self._staged.clear()
         for s in seqs:
             self._finish(s, reason)
 
 
 class DecodeGraphs:
-    """CUDA graphs of `Engine.decode_forward`, one per (n, kv_len, m), captured on first use.
+    """CUDA graphs of a decode-step function, one per (n, kv_len, m, dense), captured on first use.
 
     Inputs are copied into static buffers before each replay; the graph reads the engine's static caches in place.
+    Holds no reference to the engine (the step function is passed to `run`), so dropping the engine frees its caches
+    at once instead of at the next garbage collection.
     """
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        S = engine.config.max_slots
-        self.tokens = torch.zeros(S, dtype=torch.long, device=engine.device)
-        self.positions = torch.zeros(S, dtype=torch.long, device=engine.device)
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+    def __init__(self, slots: int, device: torch.device):
+        self.device = device
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.positions = torch.zeros(slots, dtype=torch.long, device=device)
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
+        self.capture_s = 0.0
+        self.replays = 0
 
-    def run(self, n: int, kv_len: int, m: int, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def run(self, forward: Callable, key: tuple, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """forward(*key, tokens, positions) -> logits; key = (n, kv_len, m, dense)."""
+        n = key[0]
         self.tokens[:n].copy_(tokens)
         self.positions[:n].copy_(positions)
-        key = (n, kv_len, m)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
+            self.graphs[key] = self._capture(forward, key)
         graph, out = self.graphs[key]
         graph.replay()
+        self.replays += 1
         return out
 
-    def _capture(self, n: int, kv_len: int, m: int):
-        e = self.engine
+    def _capture(self, forward: Callable, key: tuple):
+        n = key[0]
+        t0 = time.perf_counter()
 
         def fn():
-            return e.decode_forward(n, kv_len, m, self.tokens[:n], self.positions[:n])
+            return forward(*key, self.tokens[:n], self.positions[:n])
 
-        stream = torch.cuda.Stream(device=e.device)
-        stream.wait_stream(torch.cuda.current_stream(e.device))
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up (same inputs, so the cache writes are idempotent)
             for _ in range(2):
                 fn()
-        torch.cuda.current_stream(e.device).wait_stream(stream)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
             out = fn()
-        log.info("captured decode graph n=%d kv_len=%d media=%d", n, kv_len, m)
+        torch.cuda.synchronize(self.device)
+        self.capture_s += time.perf_counter() - t0
+        log.info("captured decode graph n=%d kv_len=%d media=%d dense=%s", *key)
         return graph, out

@@ -77,25 +77,39 @@ class InfiMMHD(nn.Module):
             if block is not None and xin is not None:
                 h = block(h, self.config.xattn_layers.index(i), xin)
             h = layer(h, i, ctx)
-        return self.decoder.norm(h)
+        return self.decoder.norm(h, ctx.kernels.norm)
 
     def text_time(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) running count of <image> tokens, the `<image>` itself included."""
         return (input_ids == self.config.image_token_id).long().cumsum(dim=1)
 
     def prefill_inputs(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, media_kv: MediaKV | None, position_ids=None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        media_kv: MediaKV | None,
+        position_ids=None,
+        *,
+        dense: bool = False,
+        rope_dtype: torch.dtype | None = None,
     ) -> tuple[SelfAttnContext, CrossAttnInputs | None]:
-        """Attention inputs for running whole prompts at once (no earlier context)."""
+        """Attention inputs for running whole prompts at once (no earlier context).
+
+        dense: drop the masks that let everything through (no padding: the kernel's causal path; one full media item
+        per row: no cross-attention mask). Same function, faster kernels; costs a host sync, so prefill only.
+        """
         B, T = input_ids.shape
         valid = attention_mask.bool()
         if position_ids is None:  # as HF generate: left padding is transparent; equals arange for right padding
             position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-        cos, sin = self.decoder.rope_at(position_ids)
-        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
-        eye = torch.eye(T, dtype=torch.bool, device=input_ids.device)
-        mask = (causal & valid[:, None, None, :]) | eye  # pad queries attend to themselves only (never NaN)
-        ctx = SelfAttnContext(cos=cos, sin=sin, mask=mask, fresh=True)
+        cos, sin = self.decoder.rope_at(position_ids, rope_dtype)
+        if dense and bool(valid.all()):
+            ctx = SelfAttnContext(cos=cos, sin=sin, mask=None, fresh=True, causal=True)
+        else:
+            causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+            eye = torch.eye(T, dtype=torch.bool, device=input_ids.device)
+            mask = (causal & valid[:, None, None, :]) | eye  # pad queries attend to themselves only (never NaN)
+            ctx = SelfAttnContext(cos=cos, sin=sin, mask=mask, fresh=True)
         xin = None
         if media_kv is not None:
             text_time = self.text_time(input_ids)
@@ -105,6 +119,8 @@ class InfiMMHD(nn.Module):
                     f"prompt has {int(text_time[:, -1].max())} <image> tokens but only {n_items} media items"
                 )
             xin = CrossAttnInputs.build(media_kv, text_time, flag=text_time[:, -1] > 0)
+            if dense:
+                xin = xin.without_full_mask()
         return ctx, xin
 
     def forward(

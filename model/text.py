@@ -9,7 +9,9 @@ Numerics follow transformers' `LlamaForCausalLM` (RMSNorm in float32, rotate-hal
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -20,16 +22,53 @@ from .cache import KVCache
 from .config import TextConfig
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., D) -> RMS-normalised in float32, cast back, times weight: transformers' numerics (8 kernels)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rms_norm_fused(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The same function through `F.rms_norm` (one reduction kernel instead of pow/mean/add/rsqrt/mul)."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Implementations of the small element-wise pieces one forward pass uses; all compute the same function.
+
+    The model's own `forward` / `generate` use the reference pieces; the engine picks faster ones from its config.
+    """
+
+    norm: Callable = rms_norm
+    swiglu: Callable = swiglu
+
+    @classmethod
+    @functools.cache  # one compiled wrapper per choice, shared by every engine of the process
+    def make(cls, fused_norm: bool = False, compile: bool = False) -> Kernels:
+        norm = rms_norm_fused if fused_norm else rms_norm
+        if not compile:
+            return cls(norm=norm)
+        # dynamic=True: one compiled kernel for every batch and prompt length (no recompiles per decode size)
+        return cls(norm=torch.compile(norm, dynamic=True), swiglu=torch.compile(swiglu, dynamic=True))
+
+
+REFERENCE_KERNELS = Kernels()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, impl: Callable = rms_norm) -> torch.Tensor:
+        return impl(x, self.weight, self.eps)
 
 
 def rope_table(cfg: TextConfig, device=None) -> torch.Tensor:
@@ -41,7 +80,10 @@ def rope_table(cfg: TextConfig, device=None) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, Dh); cos/sin (B, 1, T, Dh/2). Rotate-half convention of the HF Llama port."""
+    """x (B, H, T, Dh); cos/sin (B, 1, T, Dh/2). Rotate-half convention of the HF Llama port.
+
+    The casts are no-ops when the caller already cast the tables to x's dtype once per step (`rope_at(..., dtype)`).
+    """
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -55,16 +97,19 @@ class SelfAttnContext:
       If `cache` is set the new keys/values are also written to `cache` rows `slots` at columns `cols` (B, T).
     * cached (decode): the new keys/values are written at `cols` of rows `slots`, then each row b attends over
       `cache` row b, columns [0, kv_len), masked by `mask` (B, 1, T, kv_len).
+    * `mask` None with `causal` (fresh, every row a full prompt): the kernel's own causal path, no mask tensor.
     """
 
     cos: torch.Tensor  # (B, 1, T, Dh/2)
     sin: torch.Tensor
-    mask: torch.Tensor  # bool, True = may attend
+    mask: torch.Tensor | None  # bool, True = may attend
     fresh: bool
     cache: KVCache | None = None
     slots: torch.Tensor | None = None  # (B,) cache rows written
     cols: torch.Tensor | None = None  # (B, T) cache columns written
     kv_len: int = 0
+    causal: bool = False  # only with mask None
+    kernels: Kernels = field(default=REFERENCE_KERNELS)
 
 
 class SelfAttention(nn.Module):
@@ -86,7 +131,7 @@ class SelfAttention(nn.Module):
             ctx.cache.write(layer, ctx.slots, ctx.cols, k, v)
         if not ctx.fresh:
             k, v = ctx.cache.read(layer, B, ctx.kv_len)  # (B, Hkv, kv_len, Dh)
-        out = attention(q, k, v, ctx.mask)  # (B, H, T, Dh)
+        out = attention(q, k, v, ctx.mask, causal=ctx.causal and ctx.mask is None)  # (B, H, T, Dh)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 
@@ -96,9 +141,9 @@ class MLP(nn.Module):
         self.w_gate_up = nn.Linear(cfg.hidden, 2 * cfg.intermediate, bias=False)
         self.w_down = nn.Linear(cfg.intermediate, cfg.hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_gate_up(x).chunk(2, dim=-1)
-        return self.w_down(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, act: Callable = swiglu) -> torch.Tensor:
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)  # each (B, T, intermediate)
+        return self.w_down(act(gate, up))
 
 
 class DecoderLayer(nn.Module):
@@ -110,8 +155,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, layer: int, ctx: SelfAttnContext) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), layer, ctx)
-        return x + self.mlp(self.mlp_norm(x))
+        k = ctx.kernels
+        x = x + self.attn(self.attn_norm(x, k.norm), layer, ctx)
+        return x + self.mlp(self.mlp_norm(x, k.norm), k.swiglu)
 
 
 class TextDecoder(nn.Module):
@@ -137,7 +183,10 @@ class TextDecoder(nn.Module):
             self.reset_rope(self.rope.device)
         return self
 
-    def rope_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) -> cos, sin (B, 1, T, Dh/2). Callers check lengths against max_positions up front."""
-        cos, sin = self.rope[positions].unsqueeze(1).chunk(2, dim=-1)
+    def rope_at(self, positions: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, T) -> cos, sin (B, 1, T, Dh/2), float32 or cast once to `dtype` (then every layer's
+        `apply_rope` skips its own casts: same values, 4 kernels fewer per layer). Callers check lengths against
+        max_positions up front."""
+        table = self.rope[positions] if dtype is None else self.rope[positions].to(dtype)  # (B, T, Dh)
+        cos, sin = table.unsqueeze(1).chunk(2, dim=-1)
         return cos, sin

@@ -12,6 +12,7 @@ Semantics pinned by the golden vectors (tests/data/golden/README.md §7):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,18 +28,38 @@ class CrossAttnInputs:
     """Everything the cross-attention blocks of one forward pass share."""
 
     media: MediaKV  # per cross-attention layer: k, v (B, Hx, M, dx)
-    mask: torch.Tensor  # (B, 1, T, M) bool, True = may attend
+    mask: torch.Tensor | None  # (B, 1, T, M) bool, True = may attend; None: every query may attend every key
     attends: torch.Tensor  # (B, 1, T, 1) bool, False where text_time == 0 (output forced to 0)
     flag: torch.Tensor  # (B, 1, 1) bool, rows with at least one <image>
+    gates: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per block (tanh attn_gate, tanh ff_gate), (D,)
 
     @classmethod
-    def build(cls, media: MediaKV, text_time: torch.Tensor, flag: torch.Tensor) -> CrossAttnInputs:
-        """text_time (B, T) running image count; flag (B,) rows that have media."""
+    def build(
+        cls,
+        media: MediaKV,
+        text_time: torch.Tensor,
+        flag: torch.Tensor,
+        dense: bool = False,
+        gates: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> CrossAttnInputs:
+        """text_time (B, T) running image count; flag (B,) rows that have media.
+
+        dense: the caller knows the mask would be all True (one media item per row filling all M keys; text_time 0
+        rows attend everywhere anyway), so no mask is built and SDPA may pick its flash kernel.
+        """
         attends = text_time > 0  # (B, T)
-        mask = media.key_time[:, None, None, :] == text_time[:, None, :, None]  # (B, 1, T, M)
-        # Rows with text_time 0 must still attend somewhere (softmax over nothing is NaN); their output is zeroed.
-        mask = mask | ~attends[:, None, :, None]
-        return cls(media=media, mask=mask, attends=attends[:, None, :, None], flag=flag[:, None, None])
+        mask = None
+        if not dense:
+            mask = media.key_time[:, None, None, :] == text_time[:, None, :, None]  # (B, 1, T, M)
+            # Rows with text_time 0 must still attend somewhere (softmax over nothing is NaN); their output is zeroed.
+            mask = mask | ~attends[:, None, :, None]
+        return cls(media=media, mask=mask, attends=attends[:, None, :, None], flag=flag[:, None, None], gates=gates)
+
+    def without_full_mask(self) -> CrossAttnInputs:
+        """The same inputs with the mask dropped if it lets everything through (host sync: prefill only)."""
+        if self.mask is not None and bool(self.mask.all()):
+            return dataclasses.replace(self, mask=None)
+        return self
 
 
 class MaskedCrossAttention(nn.Module):
@@ -59,7 +80,7 @@ class MaskedCrossAttention(nn.Module):
             v.view(B, M, self.heads, self.dim_head).transpose(1, 2),
         )
 
-    def forward(self, x, k, v, mask, attends) -> torch.Tensor:
+    def forward(self, x, k, v, mask: torch.Tensor | None, attends: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.to_q(self.norm(x)).view(B, T, self.heads, self.dim_head).transpose(1, 2)  # (B, Hx, T, dx)
         out = attention(q, k, v, mask) * attends  # (B, Hx, T, dx); exact zeros before the first <image>
@@ -83,6 +104,8 @@ class GatedCrossAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, layer: int, inputs: CrossAttnInputs) -> torch.Tensor:
         """x (B, T, D); `layer` indexes the cross-attention layer in `inputs.media`."""
         k, v = inputs.media.k[layer], inputs.media.v[layer]
-        y = x + self.attn(x, k, v, inputs.mask, inputs.attends) * self.attn_gate.tanh()
-        y = y + self.ff(y) * self.ff_gate.tanh()
+        # tanh of the gates: computed once per engine when it passes them in, else here (2 kernels per block)
+        g_attn, g_ff = inputs.gates[layer] if inputs.gates is not None else (self.attn_gate.tanh(), self.ff_gate.tanh())
+        y = x + self.attn(x, k, v, inputs.mask, inputs.attends) * g_attn
+        y = y + self.ff(y) * g_ff
         return torch.where(inputs.flag, y, x)  # rows without media: exact identity

@@ -309,3 +309,155 @@ def test_slot_media_capacity_follows_the_window_cap(model, tiny_checkpoint):
     big = page(2800, 1400, "wide")  # 3 x 6 = 18 windows under a cap of 20
     res = engine.generate([engine.make_request("Read.", [big], SamplingParams(max_new_tokens=2))])
     assert res[0].completion_tokens == 2
+
+
+# ---- hot-path switches: each one on or off gives the same tokens -----------------------------------------------------
+ALL_OFF = dict(
+    interleave_vit=False,
+    dense_attention=False,
+    precompute=False,
+    fused_norm=False,
+    vocab_pad=0,
+    late_copy=False,
+    kv_bucket=128,
+    max_prefill_batch=8,
+)
+SWITCHES = {  # one switch on at a time over ALL_OFF, then all of them (compile: see tests/test_benchmarks.py)
+    "interleave_vit": dict(interleave_vit=True, vit_step_views=6),
+    "dense_attention": dict(dense_attention=True),
+    "precompute": dict(precompute=True),
+    "fused_norm": dict(fused_norm=True),
+    "vocab_pad": dict(vocab_pad=96),  # the tiny vocabulary (512) is a multiple of 64 and 128: force padding
+    "late_copy": dict(late_copy=True),
+    "kv_bucket": dict(kv_bucket=16),
+    "prefill_batch": dict(max_prefill_batch=32),
+    "all": dict(
+        interleave_vit=True,
+        vit_step_views=6,
+        dense_attention=True,
+        precompute=True,
+        fused_norm=True,
+        vocab_pad=96,
+        late_copy=True,
+        kv_bucket=16,
+    ),
+}
+
+
+def request_sets(engine) -> dict[str, list[Request]]:
+    same = SamplingParams(max_new_tokens=7, stop_token_ids=())
+    return {
+        "mixed": mixed_requests(engine, 8, seed=21),  # pages of different sizes, text-only rows, stop tokens
+        # one page, same prompt: every mask is all-True (the dense paths)
+        "identical": [engine.make_request(QUESTIONS[0], [PAGES[0]], same) for _ in range(4)],
+        "one_page": [engine.make_request(q, [PAGES[0]], same) for q in QUESTIONS],  # prompts of different lengths
+    }
+
+
+@pytest.fixture(scope="module")
+def expected_ids(model, processor):
+    engine = Engine(model, processor, EngineConfig(max_slots=3, max_seq_len=160, **ALL_OFF))
+    sets = request_sets(engine)
+    return sets, {name: [r.token_ids for r in engine.generate(reqs)] for name, reqs in sets.items()}
+
+
+@pytest.mark.parametrize("switch", sorted(SWITCHES))
+def test_each_hot_path_switch_gives_the_same_tokens(model, processor, expected_ids, switch):
+    sets, expected = expected_ids
+    config = EngineConfig(max_slots=3, max_seq_len=160, **{**ALL_OFF, **SWITCHES[switch]})
+    engine = Engine(model, processor, config)
+    dense_steps = []
+    real = engine.decode_forward
+
+    def spy(n, kv_len, m, dense, tokens, positions):
+        dense_steps.append(dense)
+        return real(n, kv_len, m, dense, tokens, positions)
+
+    engine.decode_forward = spy
+    for name, reqs in sets.items():
+        fresh = [Request(r.prompt_ids, r.images, r.sampling) for r in reqs]  # new ids and arrival times
+        assert [r.token_ids for r in engine.generate(fresh)] == expected[name], f"{switch} changed {name}"
+    assert any(dense_steps) == config.dense_attention, "the mask-free decode path was (not) taken"
+    assert engine.stats()["active"] == 0 and engine.stats()["waiting"] == 0
+
+
+def test_switches_keep_the_logits_within_tolerance(model, processor):
+    """Per step logits of one request, every switch on vs every switch off (fp32 on the CPU: 1e-4)."""
+
+    def logits_of(config):
+        engine = Engine(model, processor, config)
+        seen = []
+        real = engine._logits
+        engine._logits = lambda h: seen.append(real(h)) or seen[-1]
+        req = engine.make_request(QUESTIONS[1], [PAGES[0]], SamplingParams(max_new_tokens=12, stop_token_ids=()))
+        engine.generate([req])
+        return torch.cat(seen)  # (1 + decode steps, vocab)
+
+    off = logits_of(EngineConfig(max_slots=1, max_seq_len=160, **ALL_OFF))
+    on = logits_of(EngineConfig(max_slots=1, max_seq_len=160, **{**ALL_OFF, **SWITCHES["all"]}))
+    assert on.shape == off.shape == (12, model.config.text.vocab_size), (on.shape, off.shape)
+    assert (on - off).abs().max() < 1e-4
+
+
+def test_late_copy_keeps_sampled_tokens_per_seed(model, processor):
+    def run(late):
+        engine = Engine(model, processor, EngineConfig(max_slots=4, max_seq_len=160, late_copy=late))
+        reqs = mixed_requests(engine, 5, seed=3)
+        reqs.append(
+            engine.make_request(
+                QUESTIONS[2], [PAGES[2]], SamplingParams(max_new_tokens=9, temperature=1.2, top_k=40, seed=11)
+            )
+        )
+        return [(r.token_ids, r.finish_reason) for r in engine.generate(reqs)]
+
+    assert run(True) == run(False)
+
+
+def test_a_dropped_engine_is_freed_without_a_garbage_collection(model, processor):
+    import gc
+    import weakref
+
+    from model.engine import DecodeGraphs
+
+    engine = Engine(model, processor, EngineConfig(max_slots=2, max_seq_len=160, late_copy=True))
+    engine.generate([engine.make_request(QUESTIONS[0], [PAGES[2]], SamplingParams(max_new_tokens=3))])
+    engine._graphs = DecodeGraphs(2, engine.device)  # what a CUDA engine holds (no capture on the CPU)
+    kv = weakref.ref(engine.kv.k)
+    ref = weakref.ref(engine)
+    gc.disable()
+    try:
+        del engine
+        assert ref() is None and kv() is None, "a reference cycle keeps the engine (and its caches) alive"
+    finally:
+        gc.enable()
+
+
+def test_close_releases_the_caches_and_refuses_work(model, processor):
+    import weakref
+
+    engine = Engine(model, processor, EngineConfig(max_slots=2, max_seq_len=160))
+    kv = weakref.ref(engine.kv.k)
+    holder = [engine]  # somebody still holds the engine
+    engine.close()
+    assert kv() is None, "close() must drop the KV cache even while the engine is referenced"
+    with pytest.raises(RuntimeError, match="closed"):
+        holder[0].generate([engine.make_request(QUESTIONS[0], [], SamplingParams(max_new_tokens=2))])
+
+
+def test_graph_report_says_graphs_were_not_used_on_the_cpu(model, processor):
+    engine = Engine(model, processor, EngineConfig(max_slots=1, max_seq_len=160, cuda_graphs=True))
+    engine.generate([engine.make_request(QUESTIONS[0], [], SamplingParams(max_new_tokens=2))])
+    report = engine.graph_report()
+    assert report["requested"] and not report["used"] and report["replays"] == 0
+
+
+def test_a_failed_graph_capture_is_reported_and_decoding_goes_on_eagerly(model, processor):
+    from model.engine import DecodeGraphs
+
+    engine = Engine(model, processor, EngineConfig(max_slots=2, max_seq_len=160))
+    engine._graphs = DecodeGraphs(2, engine.device)  # capture needs CUDA: on the CPU it fails at the first step
+    req = engine.make_request(QUESTIONS[0], [PAGES[0]], SamplingParams(max_new_tokens=6, stop_token_ids=()))
+    got = engine.generate([req])[0].token_ids
+    report = engine.graph_report()
+    assert not report["used"] and "CUDA" in report["fallback"], report
+    assert got == reference(model, processor, req)
