@@ -758,9 +758,9 @@ class Engine:
             self.config.max_seq_len, -(-(int(positions.max()) + 1) // self.config.kv_bucket) * self.config.kv_bucket
         )
         m, dense = self._media_extent(active, n)
-        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        tokens, positions = self._to_device(tokens), self._to_device(positions)
         if bool(on_device.any()):
-            tokens = torch.where(on_device.to(self.device), self._dev_ids[:n], tokens)
+            tokens = torch.where(self._to_device(on_device), self._dev_ids[:n], tokens)
         logits = None
         if self._graphs is not None:
             try:
@@ -798,6 +798,12 @@ class Engine:
                 if s.finish_reason is None:  # not stopped by its pending token
                     self._emit(s, tok)
         self.observer.on_decode_step(len(active), time.perf_counter() - t0)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """Host -> device without waiting for the work in flight (pinned, asynchronous) when late copy is on."""
+        if self._late and self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def _resolve_pending(self) -> None:
         """Emit the ids of the previous late-copy step (waits only for that step's copy, not for the current one)."""
