@@ -10,6 +10,9 @@ Each loop step: admit waiting requests into free slots -> encode the pages they 
 ViT together, in chunks of `vit_batch_views`; pages already in the feature cache (by `PageViews.cache_key`) are skipped)
 -> prefill them in one batch (prompt KV written to their slots, the last image's cross-attention K/V stored in the
 slot's media buffer) -> one decode step for every active slot -> sample, detokenize, stop, free finished slots.
+With `interleave_vit` (default) the ViT runs first, on at most `vit_step_views` views of the pages the next requests
+need, and only requests whose pages are all encoded are admitted: running slots decode between ViT chunks.
+With late copy (CUDA default) greedy ids stay on the device and reach the host one step later (see `_decode`).
 
 Slot rows are independent: positions are per slot, masks are per row, so a request's output does not depend on what
 else shares the batch (tests/test_engine.py checks this against `InfiMMHD.generate` and the golden ids).
@@ -155,6 +158,13 @@ class _Seq:
     aborted: bool = False
     pending: bool = False  # a token sampled on the device that the host has not read yet (late copy)
     late_ok: bool | None = None  # may be sampled on the device (Engine._late_ok), decided once
+    keys: list[str | None] | None = None  # see page_keys
+
+    def page_keys(self) -> list[str | None]:
+        """Feature-cache key of each image (None: given as features), hashed once per request, not once per step."""
+        if self.keys is None:
+            self.keys = [None if isinstance(p, EncodedImage) else p.cache_key for p in self.request.images]
+        return self.keys
 
     @property
     def position(self) -> int:  # position (= cache column) of the last token the host knows
@@ -553,10 +563,7 @@ class Engine:
 
     def _ready(self, seq: _Seq) -> bool:
         """Every page of the request is encoded (staged, cached or given as features)."""
-        return all(
-            isinstance(p, EncodedImage) or p.cache_key in self._staged or p.cache_key in self.features.items
-            for p in seq.request.images
-        )
+        return all(k is None or k in self._staged or k in self.features.items for k in seq.page_keys())
 
     def _admit(self) -> list[_Seq]:
         free = [i for i, s in enumerate(self.slots) if s is None]
@@ -583,11 +590,8 @@ class Engine:
         todo: dict[str, PageViews] = {}
         views = 0
         for seq in upcoming:
-            for page in seq.request.images:
-                if isinstance(page, EncodedImage):
-                    continue
-                key = page.cache_key
-                if key in todo or key in self._staged or key in self.features.items:
+            for page, key in zip(seq.request.images, seq.page_keys(), strict=True):
+                if key is None or key in todo or key in self._staged or key in self.features.items:
                     continue
                 if todo and views + page.n_views > self.config.vit_step_views:
                     break
@@ -628,20 +632,18 @@ class Engine:
         """Media of these admitted requests: staged (interleaved ViT), cached, or encoded now, all pages together."""
         todo: dict[str, PageViews] = {}
         for seq in seqs:
-            for page in seq.request.images:
-                if isinstance(page, EncodedImage):
+            for page, key in zip(seq.request.images, seq.page_keys(), strict=True):
+                if key is None:
                     continue
-                key = page.cache_key
                 if key not in self._staged and self.features.get(key) is None and key not in todo:
                     todo[key] = page
         encoded, seconds = self._run_vit(todo) if todo else ({}, 0.0)
         charged: set[str] = set()
         for seq in seqs:
-            for page in seq.request.images:
-                if isinstance(page, EncodedImage):
+            for page, key in zip(seq.request.images, seq.page_keys(), strict=True):
+                if key is None:
                     seq.media.append(page.features.to(self.device, self.dtype))
                     continue
-                key = page.cache_key
                 staged = self._staged.get(key)
                 if staged is not None and not staged[2]:  # encoded a step or more ago for this request
                     staged[2] = True
@@ -655,7 +657,7 @@ class Engine:
                 seq.media.append(feats if feats is not None else self.features.get(key))
         if self._staged:  # keep staged pages only while a waiting request still needs them
             with self._lock:
-                needed = {p.cache_key for s in self.waiting for p in s.request.images if isinstance(p, PageViews)}
+                needed = {k for s in self.waiting for k in s.page_keys()}
             for key in [k for k in self._staged if k not in needed]:
                 del self._staged[key]
 
