@@ -10,11 +10,11 @@ size, as a CPU smoke test inside the test suite.
 
 Order (most important first, so a cut-off run still answers the main questions): device ceilings (bf16 matmul, copy
 bandwidth), checks (golden parity in fp32 with TF32 off; CUDA-graph decode == eager with padded rows, mixed lengths,
-several KV buckets, ids and logits; every hot-path switch on/off gives the same ids at tiny size), model build, ViT
+several KV buckets, ids and logits), model build, ViT
 TFLOP/s (and once forced onto the flash kernel), batch-1 decode ms/token against its bandwidth floor (and one step
 forced onto the fused kernels), the standard job (1344x1344 page = thumbnail + 3x3 windows, 48-token prompt, 256 new
-tokens forced) at the largest batch with a one-step profiler kernel table, the other batch sizes, then each hot-path
-switch off (or on) against the default.
+tokens forced) at the largest batch with a one-step profiler kernel table, the check that every hot-path switch on/off
+gives the same ids (tiny size), the other batch sizes, then each hot-path switch flipped against the default.
 
 Every section and every wave runs in its own `try`: a failure is recorded with its traceback and the run goes on.
 The JSON is written atomically after each step; `--deadline-s` skips what no longer fits and, as a last resort, a
@@ -645,8 +645,6 @@ def main(argv=None, hard_stop: bool = False) -> dict:
     if not args.skip_checks:
         run.do(("checks", "golden"), lambda: check_golden(device))
         run.do(("checks", "cuda_graphs"), lambda: check_graphs(device))
-        if not args.quick:
-            run.do(("checks", "switches"), lambda: check_switches(device))
         free_memory(device)
 
     def build():
@@ -685,6 +683,9 @@ def main(argv=None, hard_stop: bool = False) -> dict:
         eng.close()
         del eng
         free_memory(device)
+        if i == 0 and not args.skip_checks:  # after the headline: at tiny size, but compiles on the GPU
+            run.do(("checks", "switches"), lambda: check_switches(device))
+            free_memory(device)
     B = batches[0]
     features = run.do(("switches", "features"), lambda: _page_features(model, pages[0]))
     if features is not None:
