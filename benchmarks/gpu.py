@@ -65,6 +65,7 @@ SWITCHES: dict[str, dict] = {
 SCHEDULER_SWITCHES: dict[str, dict] = {  # need the ViT, so they run the full standard job
     "interleave_vit_off": dict(interleave_vit=False),
     "prefill_batch_8": dict(max_prefill_batch=8),
+    "vit_step_views_160": dict(vit_step_views=160),  # 16 pages of ViT per step: admission is no longer capped at 8
 }
 
 
