@@ -408,9 +408,18 @@ def test_late_copy_keeps_sampled_tokens_per_seed(model, processor):
                 QUESTIONS[2], [PAGES[2]], SamplingParams(max_new_tokens=9, temperature=1.2, top_k=40, seed=11)
             )
         )
-        return [(r.token_ids, r.finish_reason) for r in engine.generate(reqs)]
+        # greedy, but reading host state (penalty counts, logprobs): these stay on the synchronous path
+        for extra in (dict(repetition_penalty=1.3), dict(logprobs=True), dict(no_repeat_ngram_size=2)):
+            reqs.append(engine.make_request(QUESTIONS[0], [PAGES[0]], SamplingParams(max_new_tokens=10, **extra)))
+        results = engine.generate(reqs)
+        return [(r.token_ids, r.finish_reason) for r in results], [r.logprobs for r in results]
 
-    assert run(True) == run(False)
+    (late, late_lp), (sync, sync_lp) = run(True), run(False)
+    assert late == sync
+    for a, b in zip(late_lp, sync_lp, strict=True):  # logits of a row vary in the last bits with the batch size
+        assert (a is None) == (b is None) and all(
+            abs(x.logprob - y.logprob) < 1e-4 for x, y in zip(a or [], b or [], strict=True)
+        )
 
 
 def test_a_dropped_engine_is_freed_without_a_garbage_collection(model, processor):
