@@ -105,3 +105,16 @@ def test_sdpa_and_reference_attention_agree(causal):
     assert (
         attention(q, kv, kv) - attention(q, kv.repeat_interleave(2, 1), kv.repeat_interleave(2, 1))
     ).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_equals_the_reference(dtype):
+    from model.text import rms_norm, rms_norm_fused
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(4, 7, 96, generator=g) * 3).to(dtype)
+    w = (torch.rand(96, generator=g) + 0.5).to(dtype)
+    ref, fused = rms_norm(x, w, 1e-5), rms_norm_fused(x, w, 1e-5)
+    assert fused.dtype == ref.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16: at most a last-bit difference after the cast back
+    assert torch.allclose(fused.float(), ref.float(), rtol=tol, atol=tol)
