@@ -156,7 +156,7 @@ def _translate(e: Exception) -> APIError:
 
 @serve.deployment(
     name=INGRESS_DEPLOYMENT,
-    max_ongoing_requests=256,
+    max_ongoing_requests=1024,  # cheap asyncio tasks; slow clients must not fill them (body_timeout_s, buffered bytes)
     max_queued_requests=256,
     backpressure_config={"status_code": 503, "retry_after_s": 1},
 )
@@ -171,6 +171,7 @@ class OpenAIIngress:
             max_image_bytes=a.limits.max_image_bytes,
             windows=a.window_config(),
             allowed_http_hosts=tuple(a.allowed_http_hosts),
+            allowed_s3_prefixes=tuple(a.allowed_s3_prefixes),
             s3_endpoint_url=a.s3_endpoint_url,
             fetch_timeout_s=a.fetch_timeout_s,
         )
@@ -179,14 +180,16 @@ class OpenAIIngress:
             limits=a.limits,
             api_key=api_key,
             request_timeout_s=a.request_timeout_s,
+            body_timeout_s=a.body_timeout_s,
             retry_after_s=a.retry_after_s,
         )
         self.frontend = Frontend(HandleModelClient(model), ImageFetcher(policy), settings, _metrics(a))
         log.info(
-            "ingress for %r: auth %s, http image hosts %s",
+            "ingress for %r: auth %s, http image hosts %s, s3 prefixes %s",
             a.model_name,
             "on" if api_key else "off",
             a.allowed_http_hosts or "off",
+            a.allowed_s3_prefixes or "off",
         )
 
     def __serve_build_asgi_app__(self):

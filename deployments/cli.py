@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -90,7 +91,15 @@ def plan(args: argparse.Namespace, gpus: float):
     return app, "infimm-hd", "/", http
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    # SIGTERM (systemd, Kubernetes, `kill`) takes the Ctrl-C path: Serve and the local Ray are shut down, which stops
+    # every process Ray started (raylet, GCS, DashboardAgent, RuntimeEnvAgent, workers) and frees their ports. The
+    # default action would end this process alone and leave Ray's agents running, holding the metrics port.
+    signal.signal(signal.SIGTERM, _interrupt)
     local = args.ray_address is None and not os.environ.get("RAY_ADDRESS")
     env = prepare_local_env() if local else {}  # before `import ray`: a local Ray stays on loopback
     from runtime.checkpoints import resolve_checkpoint
@@ -105,20 +114,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    if not ray.is_initialized():
-        init = {
-            "address": args.ray_address,
-            "include_dashboard": False,
-            "runtime_env": {"env_vars": env},
-        }
-        if args.ray_address is None:
-            # Logical CPUs are scheduling tokens: enough for the config's replicas (infra/serve.yaml asks 4 + 2) even
-            # on a laptop; real parallelism is whatever the machine has.
-            init["num_cpus"] = args.num_cpus or max(os.cpu_count() or 1, 8)
-            if args.metrics_port:
-                init["_metrics_export_port"] = args.metrics_port
-        ray.init(**init)
     try:
+        if not ray.is_initialized():
+            init = {
+                "address": args.ray_address,
+                "include_dashboard": False,
+                "runtime_env": {"env_vars": env},
+            }
+            if args.ray_address is None:
+                # Logical CPUs are scheduling tokens: enough for the config's replicas (infra/serve.yaml asks 4 + 2)
+                # even on a laptop; real parallelism is whatever the machine has.
+                init["num_cpus"] = args.num_cpus or max(os.cpu_count() or 1, 8)
+                if args.metrics_port:
+                    init["_metrics_export_port"] = args.metrics_port
+            ray.init(**init)
+            # again: ray.init replaced it (a C++ handler that logs a stack trace and a Python one that exits at once)
+            signal.signal(signal.SIGTERM, _interrupt)
         serve.start(http_options=http)
         serve.run(app, name=name, route_prefix=prefix)
         base = f"http://{http['host']}:{http['port']}{prefix.rstrip('/')}"
@@ -127,8 +138,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         while True:
             time.sleep(5)
     except KeyboardInterrupt:
-        pass
+        print("stopping: Serve, then Ray", file=sys.stderr)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the shutdown short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()
     return 0

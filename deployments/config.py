@@ -8,14 +8,33 @@ exactly that file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # The import path that infra/serve.yaml points at; `app.application_from_config` only builds this app.
 IMPORT_PATH = "deployments.app:build_app"
 MODEL_DEPLOYMENT = "InfimmModel"
 INGRESS_DEPLOYMENT = "OpenAIIngress"
+
+
+# S3 bucket naming rules (https://docs.aws.amazon.com/AmazonS3/latest/userguide/bucketnamingrules.html): 3-63 of
+# lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit, no "..", not an IP address.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IPV4 = re.compile(r"\d+\.\d+\.\d+\.\d+")
+
+
+def valid_bucket(name: str) -> bool:
+    return bool(_BUCKET.fullmatch(name)) and ".." not in name and not _IPV4.fullmatch(name)
+
+
+def split_s3_prefix(entry: str) -> tuple[str, str]:
+    """`bucket`, `bucket/prefix` or `s3://bucket/prefix` -> (bucket, key prefix); ValueError for a bad bucket name."""
+    bucket, _, prefix = entry.removeprefix("s3://").partition("/")
+    if not valid_bucket(bucket):
+        raise ValueError(f"allowed_s3_prefixes entry {entry!r}: {bucket!r} is not a valid S3 bucket name")
+    return bucket, prefix
 
 
 class Limits(BaseModel):
@@ -31,9 +50,21 @@ class Limits(BaseModel):
     )
     max_windows: int = Field(34, ge=1, description="448x448 views per request over all images (windows + thumbnails)")
     max_prompt_tokens: int = Field(4096, ge=1, description="tokens of the rendered prompt, image placeholders included")
+    max_chars_per_token: int = Field(
+        32,
+        ge=1,
+        description="the ingress refuses text over max_prompt_tokens x this many characters without tokenizing it "
+        "(no token of the served tokenizers covers more; the model replica checks the exact bound of its vocabulary)",
+    )
     max_tokens: int = Field(1024, ge=1, description="largest max_tokens a client may ask for")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when the request names none")
     max_stop: int = Field(4, ge=0, description="stop strings per request (OpenAI allows 4)")
+    max_buffered_bytes: int = Field(
+        512 * 2**20,
+        ge=1024,
+        description="request bodies one ingress replica holds at once; past it new bodies get a 503 (so a high "
+        "max_ongoing_requests, which slow clients need, cannot add up to max_request_bytes each)",
+    )
 
     @property
     def max_pixels(self) -> int:
@@ -60,11 +91,25 @@ class ServeArgs(BaseModel):
     api_key: str | None = Field(None, description="bearer token clients must send; None = read api_key_env")
     api_key_env: str = Field("INFIMM_API_KEY", description="environment variable holding the key (unset = no auth)")
     allowed_http_hosts: list[str] = Field(default_factory=list, description="hosts http(s) image URLs may name")
+    allowed_s3_prefixes: list[str] = Field(
+        default_factory=list,
+        description="`bucket` or `bucket/prefix` entries s3:// image URLs must fall under; empty = s3:// refused",
+    )
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint for s3:// images; default: boto3's chain")
     fetch_timeout_s: float = Field(10.0, gt=0, description="per image download")
     request_timeout_s: float = Field(300.0, gt=0, description="whole request, first byte to last token")
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="the whole request body must arrive within this; slower clients get a 408"
+    )
     retry_after_s: int = Field(1, ge=0, description="Retry-After of our 503 answers")
     metrics: bool = Field(True, description="export ray_infimm_* from the replicas")
+
+    @field_validator("allowed_s3_prefixes")
+    @classmethod
+    def _check_s3_prefixes(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            split_s3_prefix(entry)
+        return entries
 
     def window_config(self):
         from model.windows import WindowConfig

@@ -12,13 +12,19 @@ Answers are events (plain dicts) rather than exceptions, because they cross a Ra
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import warnings
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import torch
 
 from model.engine import Engine, Request, Result
 from model.processor import ChatMessage
 from model.sampling import SamplingParams
+from model.windows import PageViews
 
 from .config import Limits
 from .schemas import APIError
@@ -41,6 +47,33 @@ class GenerationPayload:
     min_tokens: int = 0
     ignore_eos: bool = False  # min_tokens = max_tokens: the stop tokens never end the answer early
 
+    # Across the Ray handle the cut views travel as numpy uint8 arrays, which Ray passes out of band (zero-copy through
+    # the object store); a torch tensor would be pickled in band through torch.save (~4 ms per MB on this machine).
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["messages"] = [(m.role, [_to_wire(x) for x in m.parts]) for m in self.messages]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state["messages"] = [ChatMessage(role, [_from_wire(x) for x in parts]) for role, parts in state["messages"]]
+        self.__dict__.update(state)
+
+
+def _to_wire(part):
+    if isinstance(part, PageViews):
+        return ("page", part.views.numpy(), part.rows, part.cols, part.width, part.height, part.key)
+    return part
+
+
+def _from_wire(part):
+    if isinstance(part, tuple) and part and part[0] == "page":
+        _, views, rows, cols, width, height, key = part
+        with warnings.catch_warnings():  # the object store's buffer is read-only; nothing writes to the views
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(views)
+        return PageViews(tensor, rows, cols, width, height, key)
+    return part
+
 
 class EngineServer:
     def __init__(
@@ -50,12 +83,25 @@ class EngineServer:
         self.limits = limits
         self.max_waiting = max_waiting
         self.retry_after_s = retry_after_s
+        # Tokenizing runs here, off the replica's event loop (which every request and health check shares); two
+        # threads bound how much CPU tokenizing can take from the engine loop.
+        self._tokenize = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
+        vocab = engine.processor.tokenizer.get_vocab()
+        self.max_chars_per_token = max(len(piece) for piece in vocab)  # no token covers more characters of text
         engine.start()
 
     # ---- requests ----------------------------------------------------------------------------------------------------
     def build(self, p: GenerationPayload) -> Request:
         """Tokenize and check; raises APIError. Mirrors the batch pipeline's `engine.make_request` path."""
         e, lim = self.engine, self.limits
+        chars = sum(len(x) for m in p.messages for x in m.parts if isinstance(x, str))
+        if chars > lim.max_prompt_tokens * self.max_chars_per_token:  # certainly too long: do not tokenize it
+            raise APIError(
+                400,
+                f"prompt of {chars} characters is over the {lim.max_prompt_tokens}-token limit (max_prompt_tokens)",
+                "prompt_too_long",
+                param="messages",
+            )
         try:
             req = e.make_chat_request(p.messages, SamplingParams(max_new_tokens=1), p.request_id)
         except ValueError as err:  # e.g. an unknown role
@@ -103,16 +149,19 @@ class EngineServer:
             )
         return req
 
+    async def build_async(self, p: GenerationPayload) -> Request:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, self.build, p)
+
     async def complete(self, p: GenerationPayload) -> dict:
         try:
-            req = self.build(p)
+            req = await self.build_async(p)
         except APIError as err:
             return err.to_event()
         return _end(await self.engine.complete(req))
 
     async def stream(self, p: GenerationPayload) -> AsyncIterator[dict]:
         try:
-            req = self.build(p)
+            req = await self.build_async(p)
         except APIError as err:
             yield err.to_event()
             return
@@ -141,6 +190,7 @@ class EngineServer:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        self._tokenize.shutdown(wait=False, cancel_futures=True)
 
 
 def _end(r: Result) -> dict:

@@ -10,6 +10,11 @@ the model deployment through a DeploymentHandle (app.py), tests build it around 
 
 Every error is the OpenAI body {"error": {message, type, param, code}}; 503s carry Retry-After; a request that runs past
 `request_timeout_s` is aborted in the engine and answered 504 (or, once streaming, with an error event).
+
+Bounded work before the expensive part: only `application/json` bodies (415 otherwise: a browser page cannot post one
+without a CORS preflight); the body must arrive within `body_timeout_s` (408), so clients that dribble bytes free
+their place; text over `max_prompt_tokens x max_chars_per_token` characters is refused before anything tokenizes it;
+JSON parsing of large bodies and all image work run in worker threads, never on the event loop `/health` shares.
 """
 
 from __future__ import annotations
@@ -32,9 +37,24 @@ from model.processor import ChatMessage
 from .config import Limits
 from .engine_server import EngineServer, GenerationPayload
 from .images import ImageFetcher
-from .schemas import APIError, ChatCompletionRequest, ImagePart, chunk_body, completion_body, parse_request, sse, usage
+from .schemas import (
+    APIError,
+    ChatCompletionRequest,
+    ImagePart,
+    TextPart,
+    chunk_body,
+    completion_body,
+    parse_request,
+    sse,
+    usage,
+)
 
 log = logging.getLogger(__name__)
+
+
+# Fields of schemas.REFUSED that the model side honours (the rest are refused with a 400 naming them).
+HONOURED: frozenset[str] = frozenset()
+PARSE_INLINE_BYTES = 64 * 1024  # bodies up to this are parsed on the event loop (~0.1 ms); larger ones in a thread
 
 
 class ModelClient(Protocol):
@@ -65,6 +85,7 @@ class FrontendSettings:
     limits: Limits = Limits()
     api_key: str | None = None
     request_timeout_s: float = 300.0
+    body_timeout_s: float = 10.0
     retry_after_s: int = 1
     ready_timeout_s: float = 5.0
 
@@ -81,6 +102,7 @@ class Frontend:
         self.settings = settings
         self.metrics = metrics or _NoMetrics()
         self.ongoing = 0
+        self.buffered = 0  # bytes of request bodies being read or parsed right now
 
     # ---- helpers -----------------------------------------------------------------------------------------------------
     def error_response(self, err: APIError) -> JSONResponse:
@@ -101,7 +123,19 @@ class Frontend:
         if not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise APIError(401, "invalid API key", "invalid_api_key")
 
+    @staticmethod
+    def check_content_type(request: Request) -> None:
+        media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json":
+            raise APIError(
+                415,
+                f"request body must be application/json (Content-Type: {media_type or 'missing'})",
+                "unsupported_media_type",
+            )
+
     async def read_body(self, request: Request) -> bytes:
+        """The body, within max_request_bytes (413) and body_timeout_s (408: a slow or stalled client is cut off,
+        freeing its place for others; Serve's proxy has no body timeout of its own)."""
         limit = self.settings.limits.max_request_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -111,13 +145,43 @@ class Frontend:
                 "request_too_large",
             )
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise APIError(
-                    413, f"request body is over the {limit}-byte limit (max_request_bytes)", "request_too_large"
-                )
+        chunks = request.stream()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.body_timeout_s
+        budget = self.settings.limits.max_buffered_bytes
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(anext(chunks), max(0.0, deadline - loop.time()))
+                except StopAsyncIteration:
+                    break
+                body += chunk
+                self.buffered += len(chunk)
+                if len(body) > limit:
+                    raise APIError(
+                        413, f"request body is over the {limit}-byte limit (max_request_bytes)", "request_too_large"
+                    )
+                if self.buffered > budget:
+                    raise APIError(
+                        503, "this replica holds too many request bodies right now; retry later", "overloaded"
+                    )
+        except TimeoutError:
+            raise APIError(
+                408,
+                f"the request body did not arrive within {self.settings.body_timeout_s:g} s (body_timeout_s)",
+                "body_timeout",
+                headers={"Connection": "close"},
+            ) from None
+        finally:
+            self.buffered -= len(body)
+            await chunks.aclose()
         return bytes(body)
+
+    @staticmethod
+    async def parse(raw: bytes) -> ChatCompletionRequest:
+        if len(raw) <= PARSE_INLINE_BYTES:
+            return parse_request(raw)
+        return await asyncio.to_thread(parse_request, raw)  # ~15 ms per MB: not on the loop others share
 
     def _set_ongoing(self, delta: int) -> None:
         self.ongoing += delta
@@ -133,9 +197,19 @@ class Frontend:
                 "model_not_found",
                 param="model",
             )
-        bad = req.unsupported()
+        bad = req.unsupported(HONOURED)
         if bad:
             raise APIError(400, bad[1], "unsupported_parameter", param=bad[0])
+        chars = sum(len(p.text) for m in req.messages for p in m.parts() if isinstance(p, TextPart))
+        max_chars = lim.max_prompt_tokens * lim.max_chars_per_token
+        if chars > max_chars:  # certainly over max_prompt_tokens: no token covers more than max_chars_per_token
+            raise APIError(
+                400,
+                f"the messages hold {chars} characters of text, more than {lim.max_prompt_tokens} tokens can hold "
+                f"(max_prompt_tokens x {lim.max_chars_per_token} characters); shorten the prompt",
+                "prompt_too_long",
+                param="messages",
+            )
         want = req.requested_max_tokens
         if want is not None and want > lim.max_tokens:
             raise APIError(
@@ -209,7 +283,8 @@ class Frontend:
         handed_to_stream = False
         try:
             self.check_auth(request)
-            req = parse_request(await self.read_body(request))
+            self.check_content_type(request)
+            req = await self.parse(await self.read_body(request))
             self.check_request(req)
             payload = await _within(self.build_payload(req, request_id), deadline, loop)
             if req.stream:
@@ -361,8 +436,8 @@ def make_api(frontend: Frontend) -> FastAPI:
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return frontend.error_response(
-            APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code)
+        return frontend.error_response(  # exc.headers: Starlette's `Allow` on a 405
+            APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code, headers=exc.headers)
         )
 
     @api.exception_handler(Exception)

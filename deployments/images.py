@@ -1,10 +1,13 @@
 """Image URLs of a chat request -> bytes -> checked -> PageViews, with a clear APIError for every way that fails.
 
-Schemes: `data:` (base64), `s3://bucket/key` (boto3; endpoint from `s3_endpoint_url` or boto3's usual chain, e.g.
+Schemes: `data:` (base64), `s3://bucket/key` only under the operator's `allowed_s3_prefixes` (empty by default: the
+server's S3 credentials are not a client's to aim; boto3, endpoint from `s3_endpoint_url` or boto3's usual chain, e.g.
 AWS_ENDPOINT_URL), and `http(s)://` only for hosts on `allowed_http_hosts` (empty by default; redirects are not
-followed, so an allowed host cannot bounce us elsewhere). Sizes are checked before bytes are held in full: the base64
-length, S3's ContentLength and a capped read of HTTP bodies. Pixels are checked from the image header
-(`model.windows.open_image`) before anything is decoded, so a decompression bomb costs a header read.
+followed, so an allowed host cannot bounce us elsewhere). A missing and a forbidden object get the same answer, so a
+client cannot probe which objects exist. Sizes are checked before bytes are held in full: the base64 length, S3's
+ContentLength and a capped read of HTTP bodies. Pixels are checked from the image header
+(`model.windows.open_image`) before anything is decoded, so a decompression bomb costs a header read; decoding and
+cutting run in a worker thread, never on the event loop that other requests share.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import asyncio
 import base64
 import binascii
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from model.windows import ImageError, PageViews, WindowConfig, open_image, prepare_image
 
+from .config import split_s3_prefix, valid_bucket
 from .schemas import APIError
 
 log = logging.getLogger(__name__)
@@ -29,6 +34,7 @@ class ImagePolicy:
     max_image_bytes: int
     windows: WindowConfig  # its max_pixels is the megapixel limit; the rest decides how pages are cut
     allowed_http_hosts: tuple[str, ...] = ()
+    allowed_s3_prefixes: tuple[str, ...] = ()  # `bucket` or `bucket/prefix`; empty: s3:// refused
     s3_endpoint_url: str | None = None
     fetch_timeout_s: float = 10.0
 
@@ -75,10 +81,22 @@ def check_header(data: bytes, windows: WindowConfig) -> None:
         raise image_error(e) from None
 
 
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")  # PIL names its file object: `<_io.BytesIO object at 0x7f..>`
+
+
 def image_error(e: ImageError) -> APIError:
+    message = _OBJECT_REPR.sub("the image data", str(e))  # no process addresses in answers
     if e.kind == "too_large":
-        return APIError(400, f"{e}", "image_too_many_pixels", param="messages")
-    return APIError(400, f"image could not be read: {e}", "invalid_image", param="messages")
+        return APIError(400, message, "image_too_many_pixels", param="messages")
+    return APIError(400, f"image could not be read: {message}", "invalid_image", param="messages")
+
+
+def _prepare(data: bytes, windows: WindowConfig) -> PageViews:
+    check_header(data, windows)  # header only: refuses bombs before a pixel is decoded
+    try:
+        return prepare_image(data, windows)
+    except ImageError as e:
+        raise image_error(e) from None
 
 
 class ImageFetcher:
@@ -89,20 +107,23 @@ class ImageFetcher:
         self._http = None
 
     async def load(self, url: str) -> PageViews:
-        """URL -> checked, decoded and cut page (decode and cut run in a worker thread)."""
+        """URL -> checked, decoded and cut page (base64, header check, decode and cut run in a worker thread)."""
+        scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+        if scheme == "data":
+            return await asyncio.to_thread(self._load_data_url, url)
         data = await self.fetch(url)
-        check_header(data, self.policy.windows)
-        try:
-            return await asyncio.to_thread(prepare_image, data, self.policy.windows)
-        except ImageError as e:
-            raise image_error(e) from None
+        return await asyncio.to_thread(_prepare, data, self.policy.windows)
+
+    def _load_data_url(self, url: str) -> PageViews:
+        return _prepare(decode_data_url(url, self.policy.max_image_bytes), self.policy.windows)
 
     async def fetch(self, url: str) -> bytes:
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme == "data":
             return decode_data_url(url, self.policy.max_image_bytes)
         if scheme == "s3":
-            return await asyncio.to_thread(self._s3_get, url)
+            bucket, key = self.s3_location(url)  # refused here, before a thread or a connection
+            return await asyncio.to_thread(self._s3_get, bucket, key)
         if scheme in ("http", "https"):
             return await self._http_get(url)
         raise APIError(
@@ -128,15 +149,40 @@ class ImageFetcher:
                 self._s3 = boto3.session.Session().client("s3", endpoint_url=self.policy.s3_endpoint_url, config=cfg)
             return self._s3
 
-    def _s3_get(self, url: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError
-
+    def s3_location(self, url: str) -> tuple[str, str]:
+        """(bucket, key) of an s3:// URL the operator allows; APIError(400) otherwise, without contacting S3."""
         parts = urlsplit(url)
         bucket, key = parts.netloc, unquote(parts.path.lstrip("/"))
+        if not self.policy.allowed_s3_prefixes:
+            raise APIError(
+                400,
+                "s3:// image URLs are disabled on this server; the operator enables them by listing buckets or "
+                "prefixes in `allowed_s3_prefixes` (e.g. ['scans', 'pages/public/']); send a data: URL instead",
+                "unsupported_image_url",
+                param="messages",
+            )
         if not bucket or not key:
             raise APIError(
                 400, f"s3 URL {url!r} needs a bucket and a key (s3://bucket/key)", "invalid_image_url", param="messages"
             )
+        if not valid_bucket(bucket):
+            raise APIError(400, f"{bucket!r} is not a valid S3 bucket name", "invalid_image_url", param="messages")
+        if len(key.encode("utf-8", "replace")) > 1024:
+            raise APIError(400, "S3 keys are at most 1024 bytes", "invalid_image_url", param="messages")
+        for entry in self.policy.allowed_s3_prefixes:
+            allowed_bucket, prefix = split_s3_prefix(entry)
+            if bucket == allowed_bucket and key.startswith(prefix):
+                return bucket, key
+        raise APIError(
+            400,
+            f"s3://{bucket}/{key} is outside the S3 prefixes this server reads images from",
+            "image_not_allowed",
+            param="messages",
+        )
+
+    def _s3_get(self, bucket: str, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
         limit = self.policy.max_image_bytes
         try:
             obj = self._s3_client().get_object(Bucket=bucket, Key=key)
@@ -148,20 +194,39 @@ class ImageFetcher:
             data = body.read(limit + 1)
             body.close()
         except ClientError as e:
-            code = str(e.response.get("Error", {}).get("Code", ""))
-            if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound"):
+            err = e.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if code in (
+                "NoSuchKey",
+                "NoSuchBucket",
+                "404",
+                "NotFound",
+                "AccessDenied",
+                "403",
+                "Forbidden",
+            ) or status in (
+                403,
+                404,
+            ):
+                # One answer for missing and forbidden: otherwise a client learns which objects exist.
                 raise APIError(
-                    400, f"image s3://{bucket}/{key} does not exist ({code})", "image_not_found", param="messages"
-                ) from None
-            if code in ("AccessDenied", "403", "Forbidden"):
-                raise APIError(
-                    400, f"image s3://{bucket}/{key}: access denied", "image_forbidden", param="messages"
+                    400,
+                    f"image s3://{bucket}/{key} does not exist or this server may not read it",
+                    "image_not_found",
+                    param="messages",
                 ) from None
             log.warning("s3 fetch of s3://%s/%s failed: %s", bucket, key, e)
+            if 400 <= status < 500:  # e.g. a key S3 refuses: the request's problem, not the server's
+                raise APIError(
+                    400, f"S3 refused s3://{bucket}/{key} ({code})", "image_fetch_failed", param="messages"
+                ) from None
             raise APIError(502, f"could not fetch s3://{bucket}/{key}: {code}", "image_fetch_failed") from None
         except BotoCoreError as e:  # endpoint down, timeouts, no credentials
             log.warning("s3 fetch of s3://%s/%s failed: %s", bucket, key, e)
-            raise APIError(502, f"could not fetch s3://{bucket}/{key}: {e}", "image_fetch_failed") from None
+            raise APIError(
+                502, f"could not fetch s3://{bucket}/{key}: {type(e).__name__}", "image_fetch_failed"
+            ) from None
         if len(data) > limit:
             raise _too_big(len(data), limit, f"s3://{bucket}/{key}")
         return data

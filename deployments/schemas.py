@@ -1,16 +1,19 @@
 """OpenAI chat-completions wire format (the subset this service speaks) and the OpenAI error body.
 
-Request fields follow https://platform.openai.com/docs/api-reference/chat/create. Unknown fields are ignored (clients
-send things like `user` or `metadata`); fields we cannot honour (`n` > 1, tools, logprobs) are refused with a 400
-rather than silently dropped. `top_k`, `min_tokens` and `ignore_eos` are extensions with vLLM's meaning (send them
-through the client's `extra_body`). Without `temperature` the answer is greedy (the batch pipeline's setting).
+Request fields follow https://platform.openai.com/docs/api-reference/chat/create. Every field is honoured or refused
+with a 400 naming it, never silently dropped: `REFUSED` lists what this server cannot do (a field sent with its neutral
+value, like `n: 1` or `tool_choice: "none"`, is accepted), unknown fields are refused too, except the bookkeeping
+fields in `IGNORED` (`user`, `metadata`, ...) that change nothing about the answer. `top_k`, `min_tokens` and
+`ignore_eos` are extensions with vLLM's meaning (send them through the client's `extra_body`). Without `temperature`
+the answer is greedy (the batch pipeline's setting).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -112,8 +115,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Accepted, and changing nothing about the answer: request bookkeeping other servers keep for billing or caching.
+IGNORED = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"})
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # extras are checked by `unsupported` (IGNORED or refused by name)
 
     model: str
     messages: list[Message] = Field(min_length=1)
@@ -125,12 +132,23 @@ class ChatCompletionRequest(BaseModel):
     min_tokens: int | None = Field(None, ge=0)  # extension (as vLLM): stop tokens are ignored until this many
     ignore_eos: bool = False  # extension (as vLLM): generate exactly max_tokens (benchmarks, load tests)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # what a torch.Generator takes
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=16)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)  # extension (as vLLM / HF); 1 = off
+    no_repeat_ngram_size: int | None = Field(None, ge=0, le=64)  # extension (as HF); 0 = off
+    logit_bias: dict[str, float] | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
     tools: list | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list | None = None
+    function_call: str | dict | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -140,25 +158,77 @@ class ChatCompletionRequest(BaseModel):
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
-    def unsupported(self) -> tuple[str, str] | None:
-        """(param, message) for a field we cannot honour, or None."""
-        if self.n != 1:
-            return "n", "only n=1 is supported"
-        if self.logprobs:
-            return "logprobs", "logprobs are not supported"
-        if self.tools:
-            return "tools", "tools are not supported"
+    @property
+    def response_format_type(self) -> str:
+        return str((self.response_format or {}).get("type", "text"))
+
+    def unsupported(self, honoured: frozenset[str] = frozenset()) -> tuple[str, str] | None:
+        """(param, message) for the first field this server cannot honour, or None.
+
+        `honoured` names the fields of REFUSED that the model side implements (see frontend.HONOURED)."""
+        for name in sorted(self.model_extra or {}):
+            if name not in IGNORED:
+                return name, f"unknown parameter {name!r}; this server does not implement it"
+        for name, (neutral, why) in REFUSED.items():
+            if name in honoured:
+                continue
+            value = getattr(self, name)
+            if value is not None and not neutral(value):
+                return name, f"{name} is not supported by this server: {why}"
         return None
+
+
+def _is(*values):
+    return lambda v: v in values
+
+
+# field -> (value that means "off", why it is refused). Fields a model side honours are skipped (see `unsupported`).
+REFUSED = {
+    "n": (_is(1), "only one choice per request (n=1)"),
+    "presence_penalty": (_is(0), "penalties are not implemented by this engine"),
+    "frequency_penalty": (_is(0), "penalties are not implemented by this engine"),
+    "repetition_penalty": (_is(1), "penalties are not implemented by this engine"),
+    "no_repeat_ngram_size": (_is(0), "n-gram bans are not implemented by this engine"),
+    "logit_bias": (lambda v: not v, "logit_bias is not implemented by this engine"),
+    "logprobs": (_is(False), "logprobs are not implemented by this engine"),
+    "top_logprobs": (_is(0), "logprobs are not implemented by this engine"),
+    "response_format": (
+        lambda v: v.get("type", "text") == "text",
+        "constrained (JSON) output is not implemented by this engine; ask for JSON in the prompt",
+    ),
+    "tools": (lambda v: not v, "tool calling is not supported by InfiMM-HD (a page reader with no tool-call format)"),
+    "tool_choice": (_is("none"), "tool calling is not supported by InfiMM-HD"),
+    "parallel_tool_calls": (lambda v: True, "tool calling is not supported by InfiMM-HD"),
+    "functions": (lambda v: not v, "function calling is not supported by InfiMM-HD"),
+    "function_call": (_is("none"), "function calling is not supported by InfiMM-HD"),
+}
+
+MAX_JSON_DEPTH = 32  # a chat request nests about 6 deep; deeper is refused before anything walks it
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # a \uD800-\uDFFF escape: maybe a lone surrogate
 
 
 def parse_request(raw: bytes) -> ChatCompletionRequest:
     """Body bytes -> request, or APIError(400) naming the first problem."""
+    depth = _json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise APIError(
+            400, f"request body nests {depth} levels deep, over the limit of {MAX_JSON_DEPTH}", "invalid_json"
+        )
     try:
-        obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        obj = json.loads(raw, parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, RecursionError) as e:
         raise APIError(400, f"request body is not valid JSON: {e}", "invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(400, "request body must be a JSON object", "invalid_request")
+    if _SURROGATE_ESCAPE.search(raw):  # json.loads joins valid pairs; only a lone half survives as a str
+        where = _lone_surrogate(obj)
+        if where is not None:
+            raise APIError(
+                400,
+                f"{where or 'body'}: text contains a lone UTF-16 surrogate (not valid Unicode)",
+                "invalid_json",
+                param=where or None,
+            )
     try:
         return ChatCompletionRequest.model_validate(obj)
     except ValidationError as e:
@@ -168,6 +238,56 @@ def parse_request(raw: bytes) -> ChatCompletionRequest:
         code = "invalid_role" if param.endswith(".role") else "invalid_request"
         more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
         raise APIError(400, f"{param}: {msg}{more}", code, param=param) from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+_STRING_OR_BRACKET = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+
+
+def _json_depth(raw: bytes) -> int:
+    """Deepest nesting of [ and { outside strings (no recursion, no objects built; ~10 ns per byte)."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0  # cannot be deeper than the brackets it has
+    depth = deepest = 0
+    for m in _STRING_OR_BRACKET.finditer(raw):
+        c = m.group()
+        if c in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def _lone_surrogate(obj) -> str | None:
+    """Path of the first string (value or key) that is not valid Unicode, or None; iterative (depth is bounded
+    already, but a walk must not be the thing that recurses)."""
+    stack = [("", obj)]
+    while stack:
+        path, x = stack.pop()
+        if isinstance(x, str):
+            if not _encodable(x):
+                return path
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                sub = f"{path}.{k}" if path else str(k)
+                if not _encodable(k):
+                    return path or "body"
+                stack.append((sub, v))
+        elif isinstance(x, list):
+            stack.extend((f"{path}[{i}]", v) for i, v in enumerate(x))
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _param(loc: tuple) -> str:

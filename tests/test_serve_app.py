@@ -53,6 +53,7 @@ def serve_app(ray_session, s3_server, tiny_checkpoint):
             "max_seq_len": 1024,
             "api_key": API_KEY,
             "s3_endpoint_url": s3_server.endpoint,
+            "allowed_s3_prefixes": ["serve-pages/docs/", "serve-gone"],
             "request_timeout_s": 120,
             "limits": LIMITS,
         },
@@ -90,7 +91,7 @@ def direct_engine(tiny_checkpoint):
 
 
 def post(app, body, key: str | None = API_KEY, **kw) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     if isinstance(body, (bytes, str)):
         return httpx.post(app.base + "/v1/chat/completions", content=body, headers=headers, timeout=60, **kw)
     return httpx.post(app.base + "/v1/chat/completions", json=body, headers=headers, timeout=60, **kw)
@@ -160,6 +161,25 @@ def test_s3_image_from_seaweedfs(serve_app, s3_server):
             model=MODEL, messages=image_message("s3://serve-pages/docs/missing.png", prompt), max_tokens=4
         )
     assert e.value.code == "image_not_found" and "missing.png" in e.value.message
+    missing_key = e.value.message
+    with pytest.raises(openai.BadRequestError) as e:  # a missing bucket: the same answer (no probing)
+        serve_app.client.chat.completions.create(
+            model=MODEL, messages=image_message("s3://serve-gone/docs/missing.png", prompt), max_tokens=4
+        )
+    assert e.value.code == "image_not_found"
+    assert e.value.message.replace("serve-gone", "serve-pages") == missing_key
+
+
+def test_s3_outside_the_allow_list_is_refused_without_reading(serve_app, s3_server):
+    """The server's S3 credentials reach every bucket here; only the listed prefixes are read for clients."""
+    s3_server.create_bucket("serve-private")
+    s3_server.client().put_object(Bucket="serve-private", Key="secret.png", Body=page_png(300, 300))
+    s3_server.client().put_object(Bucket="serve-pages", Key="other/p.png", Body=page_png(300, 300))
+    for url in ("s3://serve-private/secret.png", "s3://serve-pages/other/p.png"):
+        r = post(serve_app, _image_req(url))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "image_not_allowed", r.text
+    r = post(serve_app, _image_req("s3://Serve_Pages/docs/x.png"))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image_url", r.text
 
 
 def test_sampling_parameters_are_honoured(serve_app):
@@ -281,7 +301,25 @@ ERROR_CASES = {
     "max_tokens_zero": (text_request(max_tokens=0), 400, "invalid_request"),
     "temperature_out_of_range": (text_request(temperature=7), 400, "invalid_request"),
     "five_stop_strings": (text_request(stop=["a", "b", "c", "d", "e"]), 400, "invalid_stop"),
-    "n_2": (text_request(n=2), 400, "unsupported_parameter"),
+    "n_2": (text_request(n=20), 400, "invalid_request"),
+    "unknown_parameter": (text_request(temprature=0.3), 400, "unsupported_parameter"),
+    "tools": (
+        text_request(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        400,
+        "unsupported_parameter",
+    ),
+    "lone_surrogate": (
+        b'{"model": "infimm-hd", "messages": [{"role": "user", "content": "a \\ud800 b"}]}',
+        400,
+        "invalid_json",
+    ),
+    "deeply_nested": (b'{"model": "infimm-hd", "extra": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400, "invalid_json"),
+    "invalid_bucket_name": (_image_req("s3://Not_A_Bucket/page.png"), 400, "invalid_image_url"),
+    "svg_image": (
+        _image_req(data_url(b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', "image/svg+xml")),
+        400,
+        "invalid_image",
+    ),
     "unknown_model": (text_request() | {"model": "gpt-4o"}, 404, "model_not_found"),
     "request_too_large": (text_request("x" * 2_100_000), 413, "request_too_large"),
 }
@@ -301,6 +339,62 @@ def test_client_errors_are_clear_4xx_with_the_openai_body(serve_app, case):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["code"] == code and err["message"] and err["type"] in ("invalid_request_error",), err
+    assert " at 0x" not in err["message"], err  # no process addresses in answers
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+def test_only_json_bodies_are_accepted(serve_app, content_type):
+    """A browser page can post text/plain or a form to a local server without a CORS preflight; not JSON."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    body = '{"model": "infimm-hd", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
+    r = httpx.post(serve_app.base + "/v1/chat/completions", content=body, headers=headers, timeout=60)
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+
+
+def test_wrong_method_is_405_with_allow(serve_app):
+    r = httpx.get(serve_app.base + "/v1/chat/completions", timeout=30)
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed", r.text
+    assert r.headers["allow"] == "POST"
+    r = httpx.delete(serve_app.base + "/health", timeout=30)
+    assert r.status_code == 405 and "GET" in r.headers["allow"]
+
+
+def _refused_now() -> list[str]:
+    from deployments.frontend import HONOURED
+    from deployments.schemas import REFUSED
+
+    return sorted(set(REFUSED) - HONOURED)
+
+
+REFUSED_VALUES = {
+    "n": 2,
+    "presence_penalty": 0.5,
+    "frequency_penalty": 0.5,
+    "repetition_penalty": 1.3,
+    "no_repeat_ngram_size": 2,
+    "logit_bias": {"42": 5},
+    "logprobs": True,
+    "top_logprobs": 2,
+    "response_format": {"type": "json_object"},
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "tool_choice": "auto",
+    "parallel_tool_calls": True,
+    "functions": [{"name": "f", "parameters": {}}],
+    "function_call": "auto",
+}
+
+
+@pytest.mark.parametrize("param", _refused_now())
+def test_parameters_not_honoured_are_refused_naming_them(serve_app, param):
+    body = text_request(max_tokens=2) | {param: REFUSED_VALUES[param]}
+    if param == "top_logprobs" and "logprobs" in _refused_now():
+        body["logprobs"] = False
+    r = post(serve_app, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["code"] == "unsupported_parameter" and err["param"] == param and param in err["message"], err
 
 
 def test_prompt_limits(serve_app, tiny_checkpoint):

@@ -212,7 +212,7 @@ def test_full_engine_queue_answers_503_with_retry_after(stack):
 
 def test_rejections_are_counted_and_the_ongoing_gauge_returns_to_zero(stack):
     before = metric(stack, "infimm_rejected_requests_total", reason="invalid_json")
-    r = httpx.post(stack.main + "/v1/chat/completions", content=b"{oops")
+    r = httpx.post(stack.main + "/v1/chat/completions", content=b"{oops", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert metric(stack, "infimm_rejected_requests_total", reason="invalid_json") == before + 1
     assert metric(stack, "infimm_ongoing_requests") == 0

@@ -149,3 +149,116 @@ def test_cli_registers_serve_with_loopback_defaults():
     args = build_parser().parse_args(["serve", "--config", str(SERVE_YAML), "--port", "8124"])
     _, _, _, http = plan(args, gpus=0)
     assert http["host"] == "127.0.0.1" and http["port"] == 8124 and http["request_timeout_s"] == 360
+
+
+# ---- S3 allow-list ---------------------------------------------------------------------------------------------------
+def _s3_fetcher(*prefixes: str) -> ImageFetcher:
+    return ImageFetcher(ImagePolicy(1000, WindowConfig(), allowed_s3_prefixes=prefixes))
+
+
+def test_s3_is_refused_until_the_operator_lists_prefixes():
+    with pytest.raises(APIError) as e:
+        _s3_fetcher().s3_location("s3://pages/a.png")
+    assert e.value.status == 400 and "allowed_s3_prefixes" in e.value.message, e.value.message
+
+
+@pytest.mark.parametrize(
+    "url, outcome",
+    [
+        ("s3://pages/a.png", ("pages", "a.png")),  # a whole bucket
+        ("s3://scans/2024/q1/p.png", ("scans", "2024/q1/p.png")),  # under a prefix
+        ("s3://scans/2023/p.png", "image_not_allowed"),  # same bucket, other prefix
+        ("s3://scans/2024", "image_not_allowed"),  # the prefix is not a match for a shorter key
+        ("s3://other/a.png", "image_not_allowed"),
+        ("s3://Bad_Bucket/a.png", "invalid_image_url"),  # invalid names never reach S3 (it would answer 5xx)
+        ("s3://ab/a.png", "invalid_image_url"),
+        ("s3://a..b/a.png", "invalid_image_url"),
+        ("s3://192.168.0.1/a.png", "invalid_image_url"),
+        ("s3://pages/", "invalid_image_url"),
+        ("s3://pages/" + "k" * 1100, "invalid_image_url"),
+    ],
+)
+def test_s3_allow_list(url, outcome):
+    fetcher = _s3_fetcher("pages", "s3://scans/2024/")
+    if isinstance(outcome, tuple):
+        assert fetcher.s3_location(url) == outcome
+    else:
+        with pytest.raises(APIError) as e:
+            fetcher.s3_location(url)
+        assert (e.value.status, e.value.code) == (400, outcome), e.value.message
+
+
+def test_serve_args_check_the_s3_prefixes():
+    assert ServeArgs.model_validate({"allowed_s3_prefixes": ["pages", "scans/2024/"]}).allowed_s3_prefixes
+    with pytest.raises(ValueError, match="not a valid S3 bucket name"):
+        ServeArgs.model_validate({"allowed_s3_prefixes": ["Pages_2024"]})
+
+
+def test_missing_and_forbidden_objects_get_one_answer():
+    """S3 answers NoSuchKey, NoSuchBucket and AccessDenied differently; the client sees one answer (Stubber: S3
+    access policies cannot be set up on the local SeaweedFS)."""
+    from botocore.stub import Stubber
+
+    fetcher = _s3_fetcher("pages")
+    client = fetcher._s3_client()
+    answers = []
+    for code, status in [("NoSuchKey", 404), ("NoSuchBucket", 404), ("AccessDenied", 403)]:
+        with Stubber(client) as stub:
+            stub.add_client_error("get_object", service_error_code=code, http_status_code=status)
+            with pytest.raises(APIError) as e:
+                fetcher._s3_get("pages", "a.png")
+        answers.append((e.value.status, e.value.code, e.value.message))
+    assert len(set(answers)) == 1, answers
+    assert answers[0][:2] == (400, "image_not_found")
+
+
+# ---- request hardening -----------------------------------------------------------------------------------------------
+def _body(**extra) -> bytes:
+    import json
+
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **extra}).encode()
+
+
+@pytest.mark.parametrize(
+    "raw, code",
+    [
+        (b'{"model": "m", "messages": [{"role": "user", "content": "a\\ud800b"}]}', "invalid_json"),  # lone surrogate
+        (b'{"model": "m", "messages": [{"role": "user", "content": "\\udc00"}]}', "invalid_json"),
+        (b'{"model": "m", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_json"),  # deeply nested
+        (b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "invalid_json"),
+        (_body(seed=2**70), "invalid_request"),
+        (_body(n=1000), "invalid_request"),
+    ],
+    ids=["lone_high_surrogate", "lone_low_surrogate", "nested_100k", "nan", "seed_overflow", "n_huge"],
+)
+def test_hostile_bodies_are_400(raw, code):
+    with pytest.raises(APIError) as e:
+        parse_request(raw)
+    assert (e.value.status, e.value.code) == (400, code), e.value.message
+
+
+def test_a_valid_surrogate_pair_is_fine():
+    req = parse_request(b'{"model": "m", "messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}]}')
+    assert req.messages[0].parts()[0].text == "smile \U0001f600"
+
+
+def test_unknown_fields_are_refused_and_bookkeeping_fields_accepted():
+    from deployments.frontend import HONOURED
+
+    assert parse_request(_body(user="u1", metadata={"a": "b"}, store=False)).unsupported(HONOURED) is None
+    assert parse_request(_body(n=1, tool_choice="none", presence_penalty=0)).unsupported(HONOURED) is None
+    param, message = parse_request(_body(temprature=0.5)).unsupported(HONOURED)
+    assert param == "temprature" and "unknown parameter" in message
+    param, message = parse_request(_body(tools=[{"type": "function"}])).unsupported(HONOURED)
+    assert param == "tools" and "tool calling is not supported" in message
+
+
+def test_image_errors_carry_no_object_addresses():
+    from deployments.images import image_error
+    from model.windows import ImageError, open_image
+
+    svg = b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"><rect width="10" height="10"/></svg>'
+    with pytest.raises(ImageError) as e:
+        open_image(svg)
+    err = image_error(e.value)
+    assert err.status == 400 and " at 0x" not in err.message and "0x" not in err.message, err.message

@@ -1,0 +1,159 @@
+"""The online service against clients that try to stall or bloat it: infra/serve.yaml's limits (20 MiB bodies) on
+127.0.0.1 with the tiny checkpoint, CPU overrides and a short body timeout. Each test is bounded in count and time.
+
+* an extreme-aspect PNG (30000 x 10, a few hundred bytes) costs the ingress and the replica little memory;
+* a 12 MiB text message (under the body limit) is refused before tokenizing, and small requests keep answering;
+* hundreds of sockets dribbling request bodies are cut off (408) while /health and a normal request are answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, free_port
+from tests.serve_helpers import data_url, image_message, rss_bytes, serve_replica_pids
+
+APP = "hostile"
+BODY_TIMEOUT_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def hostile_app(ray_session, tiny_checkpoint):
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from deployments.app import application_from_config
+    from deployments.config import load_serve_config
+
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    port = _get_global_client().http_config.port
+    app, _, _, _ = application_from_config(
+        load_serve_config(ROOT / "infra" / "serve.yaml"),
+        args={
+            "checkpoint": str(tiny_checkpoint),
+            "max_slots": 2,
+            "max_seq_len": 1024,
+            "body_timeout_s": BODY_TIMEOUT_S,
+            "limits": {"default_max_tokens": 4},
+        },
+        deployments={
+            "InfimmModel": {
+                "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1},
+                "ray_actor_options": {"num_gpus": 0, "num_cpus": 1},
+            },
+            "OpenAIIngress": {
+                "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+                "ray_actor_options": {"num_cpus": 0.5},
+            },
+        },
+    )
+    serve.run(app, name=APP, route_prefix="/hostile")
+    base = f"http://127.0.0.1:{port}/hostile"
+    yield SimpleNamespace(base=base, port=port)
+    serve.delete(APP)
+
+
+def chat(app, body: dict, timeout: float = 60) -> httpx.Response:
+    return httpx.post(app.base + "/v1/chat/completions", json=body, timeout=timeout)
+
+
+def small_request(text: str = "Hi") -> dict:
+    return {"model": "infimm-hd", "messages": [{"role": "user", "content": text}], "max_tokens": 2}
+
+
+def test_extreme_aspect_png_costs_the_ingress_and_replica_little_memory(hostile_app):
+    buf = io.BytesIO()
+    Image.new("L", (30000, 10), 255).save(buf, "PNG", optimize=True)
+    png = buf.getvalue()
+    assert len(png) < 2000, len(png)
+    assert chat(hostile_app, small_request()).status_code == 200  # warm: both replicas loaded
+    (ingress,) = serve_replica_pids("OpenAIIngress", APP)
+    (model,) = serve_replica_pids("InfimmModel", APP)
+    before = {"ingress": rss_bytes(ingress), "model": rss_bytes(model)}
+    for _ in range(3):
+        r = chat(
+            hostile_app, {"model": "infimm-hd", "messages": image_message(data_url(png), "Read."), "max_tokens": 2}
+        )
+        assert r.status_code == 200, r.text
+    growth = {"ingress": rss_bytes(ingress) - before["ingress"], "model": rss_bytes(model) - before["model"]}
+    print(f"{len(png)}-byte 30000x10 PNG x3: RSS growth {growth}")
+    assert all(g < 300 * 2**20 for g in growth.values()), growth
+
+
+def test_huge_text_is_refused_before_tokenizing_and_small_requests_keep_answering(hostile_app):
+    huge = small_request("lorem ipsum " * (12 * 2**20 // 12))  # 12 MiB of text: under the 20 MiB body limit
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60) as client:
+            url = hostile_app.base + "/v1/chat/completions"
+            big = [asyncio.create_task(client.post(url, json=huge)) for _ in range(2)]
+            small = [await client.post(url, json=small_request(f"Hello {i}")) for i in range(4)]
+            ready = await client.get(hostile_app.base + "/ready")
+            return [await t for t in big], small, ready
+
+    big, small, ready = asyncio.run(main())
+    for r in big:
+        assert r.status_code == 400 and r.json()["error"]["code"] == "prompt_too_long", r.text[:300]
+    assert [r.status_code for r in small] == [200] * 4, [r.text[:200] for r in small]
+    assert ready.status_code == 200, ready.text
+
+
+def test_slow_body_flood_is_cut_off_while_health_and_requests_answer(hostile_app):
+    """400 sockets each promise a 1 MB body and send a byte every 0.5 s. Within the body timeout they are answered
+    408; meanwhile /health and a chat request are answered. Bounded: about 3 x BODY_TIMEOUT_S."""
+    n_sockets = 400
+    head = (
+        b"POST /hostile/v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000000\r\n\r\n"
+    )
+
+    async def slow_client(results: list):
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", hostile_app.port)
+        except OSError as e:
+            results.append(f"connect: {e!r}")
+            return
+        try:
+            writer.write(head + b'{"model": "infimm-hd", "messages": [')
+            await writer.drain()
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 3 * BODY_TIMEOUT_S
+            while loop.time() < end:
+                try:
+                    line = await asyncio.wait_for(reader.readline(), 0.5)
+                except TimeoutError:
+                    writer.write(b" ")
+                    await writer.drain()
+                    continue
+                results.append(line.decode(errors="replace").strip() or "closed")
+                return
+            results.append("still open")
+        except (ConnectionError, OSError) as e:
+            results.append(f"reset: {type(e).__name__}")
+        finally:
+            writer.close()
+
+    async def main():
+        results: list = []
+        flood = [asyncio.create_task(slow_client(results)) for _ in range(n_sockets)]
+        await asyncio.sleep(1.0)  # the flood is in: every socket holds an open request
+        async with httpx.AsyncClient(timeout=2 * BODY_TIMEOUT_S) as client:
+            health = await client.get(hostile_app.base + "/health")
+            answer = await client.post(hostile_app.base + "/v1/chat/completions", json=small_request())
+        await asyncio.gather(*flood)
+        return results, health, answer
+
+    results, health, answer = asyncio.run(main())
+    assert health.status_code == 200, health.text
+    assert answer.status_code == 200, answer.text
+    statuses = {r: results.count(r) for r in set(results)}
+    print(f"{n_sockets} slow bodies: {statuses}")
+    assert "still open" not in statuses, statuses  # none kept its place past the body timeout
+    cut = sum(n for r, n in statuses.items() if r.split(" ")[1:2] == ["408"])
+    assert cut >= n_sockets * 0.9, statuses
