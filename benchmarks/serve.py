@@ -5,10 +5,12 @@
 Both sides run the same two workloads: `concurrency` clients, each sending requests back to back until `requests`
 are done, every answer exactly `max_tokens` long (ignore_eos); "page" requests carry a page image + question, "text"
 requests only a question (the HTTP overhead without image work). "engine" calls `Engine.complete` in this process
-(image decode and window cutting included, in a worker thread that shares the GIL with the engine loop); "http" goes
-through the Serve proxy, the ingress (which decodes and cuts in its own process) and the model deployment on
-127.0.0.1. Prints JSON; never asserts timings. Random tiny weights: the numbers measure the serving machinery, not a
-real model. Client, proxy, ingress and replica share this machine's CPUs.
+(image decode and window cutting included, in a worker thread that shares the GIL with the engine loop); "asgi" is
+the service's FastAPI app around an in-process EngineServer, served by uvicorn in this process (HTTP, JSON, the
+ingress's checks, no Ray); "http" goes through the Serve proxy, the ingress (which decodes and cuts in its own
+process) and the model deployment on 127.0.0.1. So asgi - engine is the HTTP layer, http - asgi the proxy, the
+handle hop and what crosses the process boundaries. Prints JSON; never asserts timings. Random tiny weights: the
+numbers measure the serving machinery, not a real model. Client, proxy, ingress and replica share this machine's CPUs.
 """
 
 from __future__ import annotations
@@ -100,8 +102,71 @@ def bench_engine(checkpoint, pages: list[bytes], args) -> dict:
     return out
 
 
-def bench_http(checkpoint, pages: list[bytes], args) -> dict:
+async def http_workload(base_url: str, urls: list[str], workload: str, args):
     import httpx
+
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=300, limits=httpx.Limits(max_connections=args.concurrency + 4)
+    ) as client:
+
+        async def one(i: int) -> int:
+            content = [{"type": "text", "text": PROMPT}]
+            if workload == "page":
+                content.insert(0, {"type": "image_url", "image_url": {"url": urls[i % len(urls)]}})
+            body = {
+                "model": "infimm-hd",
+                "max_tokens": args.max_tokens,
+                "ignore_eos": True,
+                "messages": [{"role": "user", "content": content}],
+            }
+            r = await client.post("/v1/chat/completions", json=body)
+            if r.status_code == 200 and r.json()["usage"]["completion_tokens"] != args.max_tokens:
+                return "short"
+            return r.status_code
+
+        await one(0)  # warm-up
+        return await closed_loop(args.requests, args.concurrency, one)
+
+
+def bench_asgi(checkpoint, pages: list[bytes], args) -> dict:
+    import threading
+
+    import torch
+    import uvicorn
+
+    from deployments.app import load_engine
+    from deployments.config import ServeArgs
+    from deployments.engine_server import EngineServer
+    from deployments.frontend import Frontend, FrontendSettings, LocalModelClient, make_api
+    from deployments.images import ImageFetcher, ImagePolicy
+
+    torch.set_num_threads(args.threads)
+    a = ServeArgs(checkpoint=str(checkpoint), device="cpu", max_slots=args.slots, metrics=False)
+    server = EngineServer(load_engine(a), a.limits)
+    policy = ImagePolicy(a.limits.max_image_bytes, a.window_config())
+    api = make_api(Frontend(LocalModelClient(server), ImageFetcher(policy), FrontendSettings(limits=a.limits)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.05)
+    urls = ["data:image/png;base64," + base64.b64encode(p).decode() for p in pages]
+    out = {}
+    try:
+        for workload in ("page", "text"):
+            latencies, wall, statuses = asyncio.run(http_workload(f"http://127.0.0.1:{port}", urls, workload, args))
+            out[workload] = summary(latencies, wall, len(latencies) * args.max_tokens, statuses)
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+        server.shutdown()
+    return out
+
+
+def bench_http(checkpoint, pages: list[bytes], args) -> dict:
     import ray
     from ray import serve
 
@@ -139,33 +204,10 @@ def bench_http(checkpoint, pages: list[bytes], args) -> dict:
     serve.run(app, name="bench", route_prefix="/")
     urls = ["data:image/png;base64," + base64.b64encode(p).decode() for p in pages]
 
-    async def run(workload: str):
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", timeout=300, limits=httpx.Limits(max_connections=args.concurrency + 4)
-        ) as client:
-
-            async def one(i: int) -> int:
-                content = [{"type": "text", "text": PROMPT}]
-                if workload == "page":
-                    content.insert(0, {"type": "image_url", "image_url": {"url": urls[i % len(urls)]}})
-                body = {
-                    "model": "infimm-hd",
-                    "max_tokens": args.max_tokens,
-                    "ignore_eos": True,
-                    "messages": [{"role": "user", "content": content}],
-                }
-                r = await client.post("/v1/chat/completions", json=body)
-                if r.status_code == 200 and r.json()["usage"]["completion_tokens"] != args.max_tokens:
-                    return "short"
-                return r.status_code
-
-            await one(0)  # warm-up
-            return await closed_loop(args.requests, args.concurrency, one)
-
     out = {}
     try:
         for workload in ("page", "text"):
-            latencies, wall, statuses = asyncio.run(run(workload))
+            latencies, wall, statuses = asyncio.run(http_workload(f"http://127.0.0.1:{port}", urls, workload, args))
             out[workload] = summary(latencies, wall, len(latencies) * args.max_tokens, statuses)
     finally:
         serve.shutdown()
@@ -190,6 +232,7 @@ def main(argv=None) -> dict:
     checkpoint = args.checkpoint or default_tiny_checkpoint()
     pages = [document_page(args.size, args.size, seed=i) for i in range(args.pages)]
     engine = bench_engine(checkpoint, pages, args)
+    asgi = bench_asgi(checkpoint, pages, args)
     http = bench_http(checkpoint, pages, args)
     result = {
         "benchmark": "serve",
@@ -204,11 +247,14 @@ def main(argv=None) -> dict:
             "distinct_pages": args.pages,
         },
         "engine": engine,
+        "asgi": asgi,
         "http": http,
         "http_vs_engine": {
             w: {
                 "throughput_ratio": round(http[w]["requests_per_s"] / engine[w]["requests_per_s"], 3),
                 "p50_overhead_s": round(http[w]["latency_p50_s"] - engine[w]["latency_p50_s"], 4),
+                "p50_http_layer_s": round(asgi[w]["latency_p50_s"] - engine[w]["latency_p50_s"], 4),
+                "p50_serve_hops_s": round(http[w]["latency_p50_s"] - asgi[w]["latency_p50_s"], 4),
             }
             for w in ("page", "text")
         },

@@ -146,7 +146,7 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None
+    parallel_tool_calls: bool | None = None  # accepted: it means nothing without `tools`, which are refused
     functions: list | None = None
     function_call: str | dict | None = None
 
@@ -198,7 +198,6 @@ REFUSED = {
     ),
     "tools": (lambda v: not v, "tool calling is not supported by InfiMM-HD (a page reader with no tool-call format)"),
     "tool_choice": (_is("none"), "tool calling is not supported by InfiMM-HD"),
-    "parallel_tool_calls": (lambda v: True, "tool calling is not supported by InfiMM-HD"),
     "functions": (lambda v: not v, "function calling is not supported by InfiMM-HD"),
     "function_call": (_is("none"), "function calling is not supported by InfiMM-HD"),
 }

@@ -105,80 +105,12 @@ async def until(cond, what: str, timeout: float = 60.0, interval: float = 0.05) 
         await asyncio.sleep(interval)
 
 
-# ---- processes (Linux /proc; no psutil here) -------------------------------------------------------------------------
-def _proc_stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, process group) of a live process, or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-    if fields[0] == "Z":  # a zombie holds no memory or ports; its parent has not reaped it yet
-        return None
-    return int(fields[1]), int(fields[2])
-
-
-def live_pids() -> dict[int, tuple[int, int]]:
-    import os
-
-    out = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            stat = _proc_stat(int(name))
-            if stat is not None:
-                out[int(name)] = stat
-    return out
-
-
-def process_tree(root: int) -> set[int]:
-    """root and every live descendant of it, plus every process in root's process group."""
-    procs = live_pids()
-    group = procs.get(root, (0, root))[1]
-    tree, grew = {root} & set(procs), True
-    while grew:
-        new = {pid for pid, (ppid, _) in procs.items() if ppid in tree} - tree
-        grew = bool(new)
-        tree |= new
-    return tree | {pid for pid, (_, pgid) in procs.items() if pgid == group}
-
-
-def cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except (FileNotFoundError, ProcessLookupError):
-        return ""
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a live process (VmRSS), 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
-def serve_replica_pids(deployment: str, app: str | None = None) -> list[int]:
-    """PIDs of the Ray Serve replica processes of a deployment (their title is `ray::ServeReplica:<app>:<dep>`)."""
-    titles = {pid: cmdline(pid).split(" ", 1)[0] for pid in live_pids()}
-    want = f"ServeReplica:{app}:{deployment}" if app else None
-    return sorted(
-        pid
-        for pid, t in titles.items()
-        if t.startswith("ray::ServeReplica:") and (t.endswith(want) if want else t.endswith(f":{deployment}"))
-    )
-
-
-def port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+# Process helpers live with the benchmarks (which measure RSS the same way); re-exported for the tests.
+from benchmarks.common import (  # noqa: E402, F401
+    cmdline,
+    live_pids,
+    port_free,
+    process_tree,
+    rss_bytes,
+    serve_replica_pids,
+)
