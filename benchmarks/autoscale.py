@@ -31,10 +31,12 @@ AUTOSCALING = {
     "target_ongoing_requests": 1,
     "upscale_delay_s": 1,
     "downscale_delay_s": 6,
-    "look_back_period_s": 2,
+    "metrics_interval_s": 0.5,  # how often handles and replicas report ongoing requests (default 10 s)
+    "look_back_period_s": 3,
 }
 # (seconds, concurrent clients, max_tokens per request): idle, ramp, one slow client while scaling in, idle
-PHASES = [(4, 0, 0), (30, 6, 48), (25, 1, 160), (25, 0, 0)]
+# (a new replica takes tens of seconds to start on a loaded 2-core box, hence the long ramp)
+PHASES = [(4, 0, 0), (60, 6, 48), (25, 1, 160), (20, 0, 0)]
 
 
 @dataclass
@@ -250,7 +252,7 @@ def main(argv=None) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         deploy(str(default_tiny_checkpoint()), "/", "autoscale")

@@ -177,6 +177,7 @@ def bench_http(checkpoint, pages: list[bytes], args) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ray.init(
+        address="local",  # a private Ray, never a cluster `ray start` left on this machine
         num_cpus=4,
         include_dashboard=False,
         log_to_driver=False,

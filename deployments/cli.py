@@ -117,11 +117,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         if not ray.is_initialized():
             init = {
-                "address": args.ray_address,
+                # "local": a private Ray even where `ray start` left a cluster that ray.init() would otherwise join
+                "address": "local" if local else args.ray_address,  # None: RAY_ADDRESS
                 "include_dashboard": False,
                 "runtime_env": {"env_vars": env},
             }
-            if args.ray_address is None:
+            if local:
                 # Logical CPUs are scheduling tokens: enough for the config's replicas (infra/serve.yaml asks 4 + 2)
                 # even on a laptop; real parallelism is whatever the machine has.
                 init["num_cpus"] = args.num_cpus or max(os.cpu_count() or 1, 8)

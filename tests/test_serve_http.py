@@ -216,3 +216,41 @@ def test_rejections_are_counted_and_the_ongoing_gauge_returns_to_zero(stack):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     assert metric(stack, "infimm_rejected_requests_total", reason="invalid_json") == before + 1
     assert metric(stack, "infimm_ongoing_requests") == 0
+
+
+def test_model_side_refuses_huge_text_without_tokenizing(stack, monkeypatch):
+    """Behind an ingress that lets it through, the model replica still bounds the text by its vocabulary's longest
+    piece before the tokenizer sees it."""
+    from deployments.engine_server import GenerationPayload
+    from deployments.schemas import APIError
+    from model.processor import ChatMessage
+
+    server = stack.server
+    calls = []
+    monkeypatch.setattr(server.engine, "make_chat_request", lambda *a, **k: calls.append(a))
+    n = server.limits.max_prompt_tokens * server.max_chars_per_token + 1
+    payload = GenerationPayload("big", [ChatMessage("user", ["x" * n])], max_tokens=2)
+    with pytest.raises(APIError) as e:
+        server.build(payload)
+    assert e.value.code == "prompt_too_long" and not calls, e.value.message
+    event = asyncio.run(server.complete(payload))  # the async path answers the same, from its worker thread
+    assert event["event"] == "error" and event["code"] == "prompt_too_long", event
+
+
+def test_payload_crosses_processes_as_numpy(stack):
+    """The cut views are pickled out of band (numpy buffers), not through torch.save, and arrive equal."""
+    import pickle
+
+    from deployments.engine_server import GenerationPayload
+    from model.processor import ChatMessage
+    from model.windows import prepare_image
+
+    page = prepare_image(page_png(600, 800))
+    payload = GenerationPayload("p", [ChatMessage("user", [page, "Read."])], max_tokens=2)
+    buffers = []
+    data = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
+    assert len(data) < 10_000 and len(buffers) == 1, (len(data), len(buffers))  # the views travel out of band
+    back = pickle.loads(data, buffers=buffers)
+    got = back.messages[0].parts[0]
+    assert got.views.dtype == page.views.dtype and bool((got.views == page.views).all())
+    assert (got.rows, got.cols, got.key) == (page.rows, page.cols, page.key)
