@@ -13,7 +13,9 @@ Answers are events (plain dicts) rather than exceptions, because they cross a Ra
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import re
 import warnings
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +48,15 @@ class GenerationPayload:
     stop: tuple[str, ...] = field(default_factory=tuple)
     min_tokens: int = 0
     ignore_eos: bool = False  # min_tokens = max_tokens: the stop tokens never end the answer early
+    n: int = 1  # choices; they share the page encoding (Engine.fork)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    json_schema: str | None = None  # JSON text of the schema the output must satisfy (JSON_OBJECT: any object)
 
     # Across the Ray handle the cut views travel as numpy uint8 arrays, which Ray passes out of band (zero-copy through
     # the object store); a torch tensor would be pickled in band through torch.save (~4 ms per MB on this machine).
@@ -127,19 +138,27 @@ class EngineServer:
                 "context_length_exceeded",
                 param="max_tokens" if p.max_tokens else "messages",
             )
-        req.sampling = SamplingParams(
-            max_new_tokens=new,
-            temperature=p.temperature,
-            top_p=p.top_p,
-            top_k=p.top_k,
-            seed=p.seed,
-            stop=tuple(p.stop),
-            min_new_tokens=new if p.ignore_eos else min(p.min_tokens, new),
-        )
         try:
+            req.sampling = SamplingParams(
+                max_new_tokens=new,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                top_k=p.top_k,
+                seed=p.seed,
+                stop=tuple(p.stop),
+                min_new_tokens=new if p.ignore_eos else min(p.min_tokens, new),
+                presence_penalty=p.presence_penalty,
+                frequency_penalty=p.frequency_penalty,
+                repetition_penalty=p.repetition_penalty,
+                no_repeat_ngram_size=p.no_repeat_ngram_size,
+                logit_bias=p.logit_bias,
+                logprobs=p.logprobs,
+                top_logprobs=p.top_logprobs,
+                json_schema=p.json_schema,
+            )
             e.validate(req)
         except ValueError as err:
-            raise APIError(400, str(err), "invalid_request", param="messages") from None
+            raise APIError(400, str(err), "invalid_request", param=_param_of(str(err))) from None
         if self.max_waiting is not None and e.stats()["waiting"] >= self.max_waiting:
             raise APIError(
                 503,
@@ -157,7 +176,9 @@ class EngineServer:
             req = await self.build_async(p)
         except APIError as err:
             return err.to_event()
-        return _end(await self.engine.complete(req))
+        choices = self.engine.fork(req, p.n) if p.n > 1 else [req]
+        # cancelling this (timeout, disconnect) cancels every choice's engine.complete, which aborts it
+        return _end(list(await asyncio.gather(*(self.engine.complete(r) for r in choices))))
 
     async def stream(self, p: GenerationPayload) -> AsyncIterator[dict]:
         try:
@@ -169,10 +190,10 @@ class EngineServer:
         deltas = self.engine.stream(req)
         try:
             async for delta in deltas:
-                if delta.text:
-                    yield {"event": "delta", "text": delta.text}
+                if delta.text or delta.logprobs:  # logprobs of tokens whose text is held back come with them
+                    yield {"event": "delta", "text": delta.text, "logprobs": _logprobs(delta.logprobs)}
                 if delta.result is not None:
-                    yield _end(delta.result)
+                    yield _end([delta.result])
         finally:  # a consumer that stops early (disconnect, timeout) closes us at a yield: abort in the engine now
             await deltas.aclose()
 
@@ -193,13 +214,37 @@ class EngineServer:
         self._tokenize.shutdown(wait=False, cancel_futures=True)
 
 
-def _end(r: Result) -> dict:
-    if r.finish_reason not in ("stop", "length"):  # "error": a failed engine step; "abort": we never see our own
-        return APIError(500, f"generation failed ({r.finish_reason}); see the replica log", "engine_error").to_event()
+# SamplingParams / Engine.validate messages start with the field they are about; the client knows other names.
+_CLIENT_NAMES = {"json_schema": "response_format", "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+
+def _param_of(message: str) -> str:
+    m = re.match(r"[a-z_]+", message)
+    name = m.group() if m else ""
+    if name in ("prompt", "empty") or not name:
+        return "messages"
+    return _CLIENT_NAMES.get(name, name)
+
+
+def _logprobs(entries) -> list[dict] | None:
+    return None if entries is None else [dataclasses.asdict(x) for x in entries]
+
+
+def _end(results: list[Result]) -> dict:
+    """The choices of one request (n of them) -> the end event; any failed choice fails the request."""
+    for r in results:
+        if r.finish_reason not in ("stop", "length"):  # "error": a failed engine step; "abort": we never see our own
+            return APIError(
+                500, f"generation failed ({r.finish_reason}); see the replica log", "engine_error"
+            ).to_event()
+    first = results[0]
     return {
         "event": "end",
-        "text": r.text,
-        "finish_reason": r.finish_reason,
-        "prompt_tokens": r.prompt_tokens,
-        "completion_tokens": r.completion_tokens,
+        "text": first.text,
+        "finish_reason": first.finish_reason,
+        "choices": [
+            {"text": r.text, "finish_reason": r.finish_reason, "logprobs": _logprobs(r.logprobs)} for r in results
+        ],
+        "prompt_tokens": first.prompt_tokens,  # the prompt is counted once, as OpenAI does for n > 1
+        "completion_tokens": sum(r.completion_tokens for r in results),
     }

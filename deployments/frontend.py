@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -33,6 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model.processor import ChatMessage
+from model.sampling import JSON_OBJECT
 
 from .config import Limits
 from .engine_server import EngineServer, GenerationPayload
@@ -53,7 +55,20 @@ log = logging.getLogger(__name__)
 
 
 # Fields of schemas.REFUSED that the model side honours (the rest are refused with a 400 naming them).
-HONOURED: frozenset[str] = frozenset()
+HONOURED: frozenset[str] = frozenset(
+    {
+        "n",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "no_repeat_ngram_size",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+    }
+)
+MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit
 PARSE_INLINE_BYTES = 64 * 1024  # bodies up to this are parsed on the event loop (~0.1 ms); larger ones in a thread
 
 
@@ -200,6 +215,7 @@ class Frontend:
         bad = req.unsupported(HONOURED)
         if bad:
             raise APIError(400, bad[1], "unsupported_parameter", param=bad[0])
+        self.check_sampling(req)
         chars = sum(len(p.text) for m in req.messages for p in m.parts() if isinstance(p, TextPart))
         max_chars = lim.max_prompt_tokens * lim.max_chars_per_token
         if chars > max_chars:  # certainly over max_prompt_tokens: no token covers more than max_chars_per_token
@@ -240,6 +256,50 @@ class Frontend:
                 param="messages",
             )
 
+    @staticmethod
+    def check_sampling(req: ChatCompletionRequest) -> None:
+        """What pydantic's field types cannot say about the sampling fields (their ranges it checks already)."""
+        if req.n > 1 and req.stream:
+            raise APIError(
+                400, "n > 1 cannot be streamed by this server; use stream=false", "invalid_request", param="n"
+            )
+        if req.top_logprobs and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs=true", "invalid_request", param="top_logprobs")
+        bias = req.logit_bias or {}
+        if len(bias) > MAX_LOGIT_BIAS or any(not (k.isascii() and k.isdigit()) for k in bias):
+            raise APIError(
+                400,
+                f"logit_bias maps up to {MAX_LOGIT_BIAS} token ids (strings of digits) to biases in [-100, 100]",
+                "invalid_request",
+                param="logit_bias",
+            )
+        kind = req.response_format_type
+        if kind not in ("text", "json_object", "json_schema"):
+            raise APIError(
+                400,
+                f"response_format type {kind!r} is not supported; use text, json_object or json_schema",
+                "invalid_request",
+                param="response_format",
+            )
+        if kind == "json_schema":
+            spec = (req.response_format or {}).get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise APIError(
+                    400,
+                    "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}",
+                    "invalid_request",
+                    param="response_format",
+                )
+
+    @staticmethod
+    def json_schema(req: ChatCompletionRequest) -> str | None:
+        kind = req.response_format_type
+        if kind == "json_object":
+            return JSON_OBJECT
+        if kind == "json_schema":
+            return json.dumps(req.response_format["json_schema"]["schema"])
+        return None
+
     async def build_payload(self, req: ChatCompletionRequest, request_id: str) -> GenerationPayload:
         urls = [p.image_url.url for m in req.messages for p in m.parts() if isinstance(p, ImagePart)]
         loaded = await asyncio.gather(*(self.fetcher.load(u) for u in urls), return_exceptions=True)
@@ -272,6 +332,15 @@ class Frontend:
             stop=tuple(req.stop_list),
             min_tokens=req.min_tokens or 0,
             ignore_eos=req.ignore_eos,
+            n=req.n,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            no_repeat_ngram_size=req.no_repeat_ngram_size or 0,
+            logit_bias=tuple((int(k), v) for k, v in (req.logit_bias or {}).items()),
+            logprobs=bool(req.logprobs),
+            top_logprobs=req.top_logprobs or 0,
+            json_schema=self.json_schema(req),
         )
 
     # ---- routes ------------------------------------------------------------------------------------------------------
@@ -315,12 +384,7 @@ class Frontend:
                 raise APIError.from_event(ev)
             return JSONResponse(
                 completion_body(
-                    request_id,
-                    self.settings.model_name,
-                    ev["text"],
-                    ev["finish_reason"],
-                    ev["prompt_tokens"],
-                    ev["completion_tokens"],
+                    request_id, self.settings.model_name, ev["choices"], ev["prompt_tokens"], ev["completion_tokens"]
                 )
             )
         except APIError as err:
@@ -345,7 +409,9 @@ class Frontend:
                 except StopAsyncIteration:
                     ev = APIError(500, "the model stream ended without a result", "engine_error").to_event()
                 if ev["event"] == "delta":
-                    yield sse(chunk_body(request_id, name, created, {"content": ev["text"]}))
+                    yield sse(
+                        chunk_body(request_id, name, created, {"content": ev["text"]}, logprobs=ev.get("logprobs"))
+                    )
                 elif ev["event"] == "end":
                     yield sse(chunk_body(request_id, name, created, {}, ev["finish_reason"]))
                     if include_usage:

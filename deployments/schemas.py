@@ -1,8 +1,9 @@
 """OpenAI chat-completions wire format (the subset this service speaks) and the OpenAI error body.
 
 Request fields follow https://platform.openai.com/docs/api-reference/chat/create. Every field is honoured or refused
-with a 400 naming it, never silently dropped: `REFUSED` lists what this server cannot do (a field sent with its neutral
-value, like `n: 1` or `tool_choice: "none"`, is accepted), unknown fields are refused too, except the bookkeeping
+with a 400 naming it, never silently dropped: `REFUSED` lists what a model side may not do (a field sent with its
+neutral value, like `n: 1` or `tool_choice: "none"`, is accepted; `frontend.HONOURED` names those the engine does:
+penalties, logit_bias, logprobs, n, response_format), unknown fields are refused too, except the bookkeeping
 fields in `IGNORED` (`user`, `metadata`, ...) that change nothing about the answer. `top_k`, `min_tokens` and
 `ignore_eos` are extensions with vLLM's meaning (send them through the client's `extra_body`). Without `temperature`
 the answer is greedy (the batch pipeline's setting).
@@ -306,12 +307,12 @@ def _param(loc: tuple) -> str:
 def completion_body(
     request_id: str,
     model: str,
-    text: str,
-    finish_reason: str,
+    choices: list[dict],
     prompt_tokens: int,
     completion_tokens: int,
     created: int | None = None,
 ) -> dict:
+    """choices: [{"text", "finish_reason", "logprobs" (a list of token entries, or None)}], one per `n`."""
     return {
         "id": f"chatcmpl-{request_id}",
         "object": "chat.completion",
@@ -319,14 +320,40 @@ def completion_body(
         "model": model,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
+                "index": i,
+                "message": {"role": "assistant", "content": c["text"]},
+                "logprobs": logprobs_body(c.get("logprobs")),
+                "finish_reason": c["finish_reason"],
             }
+            for i, c in enumerate(choices)
         ],
         "usage": usage(prompt_tokens, completion_tokens),
     }
+
+
+def logprobs_body(entries: list[dict] | None) -> dict | None:
+    """Engine logprob entries -> OpenAI's `logprobs` object ({"content": [...], "refusal": None})."""
+    if entries is None:
+        return None
+    return {
+        "content": [
+            {
+                "token": e["token"],
+                "logprob": _finite(e["logprob"]),
+                "bytes": e["bytes"],
+                "top_logprobs": [
+                    {"token": t["token"], "logprob": _finite(t["logprob"]), "bytes": t["bytes"]}
+                    for t in e.get("top_logprobs", [])
+                ],
+            }
+            for e in entries
+        ],
+        "refusal": None,
+    }
+
+
+def _finite(x: float) -> float:
+    return x if x > -9999.0 else -9999.0  # OpenAI's floor for "impossible"; JSON has no -inf
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -344,8 +371,13 @@ def chunk_body(
     delta: dict | None = None,
     finish_reason: str | None = None,
     usage_: dict | None = None,
+    logprobs: list[dict] | None = None,
 ) -> dict:
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]
+    choices = (
+        []
+        if delta is None
+        else [{"index": 0, "delta": delta, "logprobs": logprobs_body(logprobs), "finish_reason": finish_reason}]
+    )
     body = {
         "id": f"chatcmpl-{request_id}",
         "object": "chat.completion.chunk",

@@ -254,3 +254,98 @@ def test_payload_crosses_processes_as_numpy(stack):
     got = back.messages[0].parts[0]
     assert got.views.dtype == page.views.dtype and bool((got.views == page.views).all())
     assert (got.rows, got.cols, got.key) == (page.rows, page.cols, page.key)
+
+
+# ---- sampling parameters (model/sampling.py), through the official client ------------------------------------------
+def _chat(stack, **kw):
+    return stack.client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], **kw
+    )
+
+
+def test_logprobs_have_the_openai_shape(stack):
+    r = _chat(stack, max_tokens=6, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 6
+    for entry in content:
+        assert entry.logprob <= 0 and isinstance(entry.bytes, list) and len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        assert entry.logprob <= entry.top_logprobs[0].logprob + 1e-6  # greedy: the chosen token is the best one
+    assert _chat(stack, max_tokens=3).choices[0].logprobs is None
+    chunks = list(_chat(stack, max_tokens=6, logprobs=True, stream=True, extra_body={"ignore_eos": True}))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+
+
+def test_n_choices_are_distinct_when_sampling_and_share_the_usage(stack):
+    r = _chat(stack, max_tokens=12, n=2, temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].message.content != r.choices[1].message.content
+    assert r.usage.completion_tokens == 24
+    one = _chat(stack, max_tokens=12, temperature=1.0, seed=7, extra_body={"ignore_eos": True})
+    assert one.choices[0].message.content == r.choices[0].message.content  # choice 0 is the n=1 answer
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(stack, max_tokens=2, n=2, stream=True)
+    assert e.value.body["param"] == "n"
+
+
+def test_penalties_and_bias_change_the_output_of_a_rigged_model(stack):
+    """logit_bias rigs the tiny model into repeating one token; the penalties then break the repetition."""
+    rigged = _chat(stack, max_tokens=12, logit_bias={"300": 20}, logprobs=True, extra_body={"ignore_eos": True})
+    ids = {e.token for e in rigged.choices[0].logprobs.content}
+    assert len(ids) == 1, ids  # the bias wins every step
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        body = {"max_tokens": 12, "logit_bias": {"300": 2}, "logprobs": True, **penalty}
+        plain = _chat(stack, **{k: v for k, v in body.items() if k not in penalty}, extra_body={"ignore_eos": True})
+        pen = _chat(stack, **body, extra_body={"ignore_eos": True})
+        assert pen.choices[0].message.content != plain.choices[0].message.content, penalty
+    rep = _chat(stack, max_tokens=12, logit_bias={"300": 2}, extra_body={"ignore_eos": True, "repetition_penalty": 8})
+    plain = _chat(stack, max_tokens=12, logit_bias={"300": 2}, extra_body={"ignore_eos": True})
+    assert rep.choices[0].message.content != plain.choices[0].message.content
+
+
+def test_response_format_json_schema_is_honoured(stack):
+    import json
+
+    schema = {
+        "type": "object",
+        "properties": {"paid": {"type": "boolean"}},
+        "required": ["paid"],
+        "additionalProperties": False,
+    }
+    r = _chat(
+        stack, max_tokens=40, response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert json.loads(r.choices[0].message.content) in ({"paid": True}, {"paid": False})
+    obj = _chat(stack, max_tokens=200, response_format={"type": "json_object"})
+    if obj.choices[0].finish_reason == "stop":  # a random model may fill max_tokens inside a string
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    else:
+        assert obj.choices[0].message.content.startswith("{")
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(stack, max_tokens=4, response_format={"type": "json_schema", "json_schema": {"name": "s"}})
+    assert e.value.body["param"] == "response_format"
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"logit_bias": {"100000": 5}}, "logit_bias"),  # outside the vocabulary
+        ({"logit_bias": {"abc": 5}}, "logit_bias"),
+        ({"logit_bias": {"5": 500}}, "logit_bias"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
+        ({"top_logprobs": 30, "logprobs": True}, "top_logprobs"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ],
+)
+def test_bad_sampling_values_are_400_naming_the_parameter(stack, extra, param):
+    r = httpx.post(
+        stack.main + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, **extra},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
