@@ -111,6 +111,21 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def rss_parts(pid: int) -> dict[str, int]:
+    """VmRSS split as the kernel counts it: RssAnon (the process's own heap), RssFile (mapped files, libraries) and
+    RssShmem (shared memory: for a Ray worker, the pages of the object store it has touched)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key = line.split(":", 1)[0]
+                if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                    out[key] = int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
 def serve_replica_pids(deployment: str, app: str | None = None) -> list[int]:
     """PIDs of the Ray Serve replica processes of a deployment (their title is `ray::ServeReplica:<app>:<dep>`)."""
     titles = {pid: cmdline(pid).split(" ", 1)[0] for pid in live_pids()}

@@ -5,7 +5,9 @@
 A local Ray (127.0.0.1) serves infra/serve.yaml with the tiny RANDOM checkpoint and CPU overrides. Each round sends
 the same mix, concurrently: page requests (each round new pages, so the feature cache keeps filling until it is at
 its byte cap and starts evicting), text requests, and streams that the client drops after two chunks (the
-generation is aborted in the engine). After each round the RSS of both replica processes is read from /proc.
+generation is aborted in the engine). After each round the RSS of both replica processes is read from /proc, with
+its parts (RssAnon: the heap; RssShmem: object-store pages the process has touched, which count in its RSS although
+they are shared memory that the object store reuses).
 Prints JSON: per-round RSS and its growth, and the growth over the second half of the rounds (what "levels off"
 means: after warm-up and the feature cache filling, later rounds should add little). Never asserts.
 """
@@ -22,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import document_page, emit, environment, rss_bytes, serve_replica_pids  # noqa: E402
+from benchmarks.common import document_page, emit, environment, rss_bytes, rss_parts, serve_replica_pids  # noqa: E402
 
 APP = "memory"
 
@@ -141,6 +143,8 @@ def main(argv=None) -> dict:
                     "statuses": statuses,
                     "ingress_mb": round(rss_bytes(ingress) / 2**20, 1),
                     "model_mb": round(rss_bytes(model) / 2**20, 1),
+                    "ingress_parts_mb": {k: round(v / 2**20, 1) for k, v in rss_parts(ingress).items()},
+                    "model_parts_mb": {k: round(v / 2**20, 1) for k, v in rss_parts(model).items()},
                 }
             )
             print(rounds[-1], file=sys.stderr)
