@@ -216,6 +216,37 @@ def bench_http(checkpoint, pages: list[bytes], args) -> dict:
     return out
 
 
+def bench_payload(pages: list[bytes], repeats: int = 20) -> dict:
+    """What crossing the handle costs per page request: pickling (protocol 5, as Ray does) a payload whose cut views
+    are torch tensors (pickled in band through torch.save) vs the numpy wire form GenerationPayload uses (out of band,
+    zero-copy into the object store)."""
+    import pickle
+
+    from deployments.engine_server import GenerationPayload
+    from model.processor import ChatMessage
+    from model.windows import prepare_image
+
+    page = prepare_image(pages[0])
+    payload = GenerationPayload("bench", [ChatMessage("user", [page, PROMPT])], max_tokens=8)
+
+    def roundtrip(obj) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            buffers: list = []
+            data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+            pickle.loads(data, buffers=buffers)
+        return (time.perf_counter() - t0) / repeats * 1000, len(data)
+
+    torch_ms, torch_bytes = roundtrip(page)  # the tensor as it was shipped before (inside the payload)
+    wire_ms, wire_bytes = roundtrip(payload)
+    return {
+        "views": page.n_views,
+        "view_bytes": page.views.numel(),
+        "torch_tensor": {"ms": round(torch_ms, 3), "in_band_bytes": torch_bytes},
+        "numpy_wire": {"ms": round(wire_ms, 3), "in_band_bytes": wire_bytes},
+    }
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="default: the tiny random checkpoint")
@@ -232,6 +263,7 @@ def main(argv=None) -> dict:
 
     checkpoint = args.checkpoint or default_tiny_checkpoint()
     pages = [document_page(args.size, args.size, seed=i) for i in range(args.pages)]
+    payload = bench_payload(pages)
     engine = bench_engine(checkpoint, pages, args)
     asgi = bench_asgi(checkpoint, pages, args)
     http = bench_http(checkpoint, pages, args)
@@ -247,6 +279,7 @@ def main(argv=None) -> dict:
             "page_px": args.size,
             "distinct_pages": args.pages,
         },
+        "payload_serialization": payload,
         "engine": engine,
         "asgi": asgi,
         "http": http,
