@@ -23,6 +23,8 @@ bench: setup
 	$(PY) benchmarks/engine_cpu.py
 	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/serve.py
+	$(PY) benchmarks/serve_memory.py
+	$(PY) benchmarks/autoscale.py --png /tmp/autoscale.png
 
 dashboard: setup  # rebuild infra/grafana/infimm-hd.json from infra/grafana/dashboard.py (Grafana foundation SDK)
 	$(PY) infra/grafana/dashboard.py
