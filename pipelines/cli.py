@@ -57,6 +57,15 @@ RUN_OPTIONS: list[tuple[str, dict]] = [
     ("--dpi", dict(type=int, default=150, help="PDF rasterization resolution")),
     ("--max-pages", dict(type=int, default=1000, help="pages per document; later ones become page_limit rows")),
     ("--max-windows", dict(type=int, default=16, help="cap on 448x448 windows per page")),
+    (
+        "--max-render-mp",
+        dict(type=float, default=12.0, help="megapixels a rendered PDF page may have; larger pages get a lower dpi"),
+    ),
+    ("--pages-per-task", dict(type=int, default=16, help="longer documents are decoded by several tasks")),
+    (
+        "--decode-memory-mb",
+        dict(type=int, default=1536, help="memory reserved per decode task (measured: README, Batch jobs)"),
+    ),
     ("--actors", dict(type=_pair, default=(1, 1), metavar="MIN,MAX", help="engine actor pool size (autoscaling)")),
     (
         "--gpus-per-actor",
@@ -133,6 +142,9 @@ def job_config(args: argparse.Namespace):
         dpi=args.dpi,
         max_pages=args.max_pages,
         max_windows=args.max_windows,
+        max_render_pixels=int(args.max_render_mp * 1e6),
+        pages_per_task=args.pages_per_task,
+        decode_memory=args.decode_memory_mb * 2**20,
         actors=tuple(args.actors),
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,

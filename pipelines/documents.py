@@ -1,10 +1,17 @@
 """CPU stage of the batch job: read a document, split it into pages, cut each page into windows.
 
 Page rules:
-* PDF (by content, or by a .pdf name): every page, rasterized with pypdfium2 at `dpi` (scaled down if a page would be
-  over `max_pixels`); pages after `max_pages` become `page_limit` error rows without being rendered.
+* PDF (by content, or by a .pdf name): every page, rasterized with pypdfium2 at `dpi`, scaled down where a page would
+  be over `max_render_pixels` (a poster at 150 dpi is ~35 MP; the windows use at most `max_windows` x 448^2 of it), so
+  one page's peak memory is known whatever the page size; pages after `max_pages` become `page_limit` error rows
+  without being rendered.
 * TIFF: every page (frame). GIF, WebP, PNG (APNG), ...: the first frame only. All else that PIL reads: one page.
 * EXIF orientation, mode conversion (CMYK, 16-bit, palette, alpha) and window cutting are model.windows'.
+
+Long documents are spread: `SplitDocuments` (a cheap first stage: read, count pages, render nothing) turns a document
+of more than `pages_per_task` pages into one decode task per page range, so a 1,000-page PDF is decoded by many tasks
+on many nodes and no task holds more than its range's pages. Each page is in exactly one range; pages already in the
+output (resume) are dropped from their range, and a range with nothing left is not a task.
 
 Failures never escape: a document that cannot be opened becomes one error row with page 0 (its page count is unknown);
 a page that cannot be decoded becomes an error row for that page. See pipelines/rows.py for ids and error types.
@@ -24,7 +31,7 @@ from PIL import Image
 from model.windows import ImageError, WindowConfig, cut_views, load_image, open_image
 
 from .rows import DECODED_SCHEMA, error_fields, prompt_key
-from .storage import Storage, TooLarge
+from .storage import SINGLE_PAGE_SUFFIXES, Storage, TooLarge, suffix
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +43,23 @@ class DecodeConfig:
     max_pages: int = 1000  # per document; later pages become `page_limit` rows
     max_bytes: int = 1 << 30  # per document object
     chunk_pages: int = 4  # pages per output block (a page is up to 17 views of 448x448x3 bytes, ~10 MB)
+    # A rendered PDF page is at most this many pixels (the dpi is lowered for larger pages). 12 MP keeps A4/Letter
+    # unscaled up to 300 dpi; the default 16 windows use at most 16 x 448^2 = 3.2 MP of a page.
+    max_render_pixels: int = 12_000_000
+    pages_per_task: int = 16  # a longer document is split into decode tasks of this many pages
 
     def __post_init__(self):
         if not 10 <= self.dpi <= 1200:
             raise ValueError(f"dpi must be within 10..1200, got {self.dpi}")
         if self.max_pages < 1:
             raise ValueError(f"max_pages must be >= 1, got {self.max_pages}")
+        if not 100_000 <= self.max_render_pixels <= self.windows.max_pixels:
+            raise ValueError(
+                f"max_render_pixels must be within 0.1 MP..{self.windows.max_pixels / 1e6:.0f} MP (the decoded-size "
+                f"limit), got {self.max_render_pixels / 1e6:g} MP"
+            )
+        if self.pages_per_task < 1:
+            raise ValueError(f"pages_per_task must be >= 1, got {self.pages_per_task}")
 
 
 # ---- documents: page count + page i as an RGB image ------------------------------------------------------------------
@@ -70,10 +88,11 @@ class ImageDocument:
 
 
 class PdfDocument:
-    def __init__(self, data: bytes, cfg: WindowConfig, dpi: int):
+    def __init__(self, data: bytes, cfg: WindowConfig, dpi: int, max_render_pixels: int | None = None):
         import pypdfium2 as pdfium
 
         self.cfg, self.dpi = cfg, dpi
+        self.max_render_pixels = min(max_render_pixels or cfg.max_pixels, cfg.max_pixels)
         try:
             self.pdf = pdfium.PdfDocument(data)
         except pdfium.PdfiumError as e:
@@ -88,8 +107,9 @@ class PdfDocument:
             try:
                 w_pt, h_pt = page.get_size()  # points (1/72 inch)
                 scale = self.dpi / 72
-                if w_pt * h_pt * scale**2 > self.cfg.max_pixels:  # a poster-sized page: render smaller, not fail
-                    scale = math.sqrt(self.cfg.max_pixels / (w_pt * h_pt)) * 0.999
+                if w_pt * h_pt * scale**2 > self.max_render_pixels:  # a poster-sized page: render smaller, not fail
+                    scale = math.sqrt(self.max_render_pixels / (w_pt * h_pt)) * 0.999
+                    log.debug("PDF page %d (%.0fx%.0f pt) rendered at %.0f dpi", i + 1, w_pt, h_pt, scale * 72)
                 image = page.render(scale=scale).to_pil()
             finally:
                 page.close()
@@ -119,19 +139,99 @@ def open_document(data: bytes, uri: str, cfg: DecodeConfig) -> ImageDocument | P
     if not data:
         raise ImageError("empty_file", "the file is empty (0 bytes)")
     if is_pdf(data, uri):
-        return PdfDocument(data, cfg.windows, cfg.dpi)
+        return PdfDocument(data, cfg.windows, cfg.dpi, cfg.max_render_pixels)
     return ImageDocument(data, cfg.windows)
 
 
 _NO_VIEWS = {k: None for k in ("views", "n_views", "window", "width", "height", "grid_rows", "grid_cols")}
 
+# A decode task: a document, or pages `first`..`last` of one whose page count `n_pages` the split stage learned.
+TASK_SCHEMA = pa.schema(
+    [
+        ("uri", pa.string()),
+        ("doc", pa.string()),
+        ("prompts", pa.list_(pa.string())),
+        ("done", pa.list_(pa.string())),  # "page:prompt_hash" keys already in the output, of this task's pages
+        ("first", pa.int32()),  # null: the whole document, page count unknown (not read or not opened yet)
+        ("last", pa.int32()),
+        ("n_pages", pa.int32()),
+        ("data", pa.binary()),  # the bytes, when the split stage read them and this one task covers the document
+    ]
+)
 
-# ---- the Ray stage ---------------------------------------------------------------------------------------------------
+
+def _done_page(key: str) -> int:
+    return int(key.split(":", 1)[0])
+
+
+# ---- the Ray stages --------------------------------------------------------------------------------------------------
+class SplitDocuments:
+    """Source rows (`uri`, `doc`, `prompts`, `done`) -> decode tasks (TASK_SCHEMA). Cheap: reads and counts, renders
+    nothing.
+
+    A document of at most `pages_per_task` pages stays one task and takes its bytes along (read once). A longer one
+    becomes one task per page range without the bytes: each task reads the object again, which costs a GET per range
+    but keeps one long document from holding one task (and its memory) while the engines wait. An image file by its
+    name (one page) is passed on unread; a document that cannot be read or opened is passed on whole, and the decode
+    task turns the failure into its error row.
+    """
+
+    def __init__(self, storage: Storage, config: DecodeConfig = DecodeConfig()):
+        self.storage = storage
+        self.config = config
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        tasks = [t for src in batch.to_pylist() for t in self.tasks(src)]
+        return pa.Table.from_pylist(tasks, schema=TASK_SCHEMA)
+
+    def tasks(self, src: dict) -> Iterator[dict]:
+        uri, prompts, done = src["uri"], list(src["prompts"]), list(src.get("done") or ())
+        whole = {"uri": uri, "doc": src["doc"], "prompts": prompts, "done": done}
+        whole |= {"first": None, "last": None, "n_pages": None, "data": None}
+        if suffix(uri) in SINGLE_PAGE_SUFFIXES:
+            yield whole
+            return
+        try:
+            data = self.storage.read(uri, max_bytes=self.config.max_bytes)
+        except Exception:  # noqa: BLE001 - read again by the decode task, which makes the failure a typed row
+            yield whole
+            return
+        try:
+            doc = open_document(data, uri, self.config)
+            n = doc.n_pages
+            doc.close()
+        except Exception:  # noqa: BLE001 - the decode task opens the same bytes and writes the error row
+            yield {**whole, "data": data}
+            return
+        keys = {prompt_key(p) for p in prompts}
+        done_by_page: dict[int, set[str]] = {}
+        for k in done:
+            done_by_page.setdefault(_done_page(k), set()).add(k.rsplit(":", 1)[1])
+        per = self.config.pages_per_task
+        limit = min(n, self.config.max_pages)
+        ranges = [(a, min(a + per - 1, limit)) for a in range(1, limit + 1, per)]
+        if n > limit:  # the page_limit rows: no rendering, one task (it does not even read the object)
+            ranges.append((limit + 1, n))
+        one = len(ranges) - (n > limit) == 1  # a single range to render: it takes the bytes along
+        for first, last in ranges:
+            if all(keys <= done_by_page.get(i, set()) for i in range(first, last + 1)):
+                continue  # every page of the range is in the output for every prompt
+            mine = [k for k in done if first <= _done_page(k) <= last]
+            yield {
+                **whole,
+                "done": mine,
+                "first": first,
+                "last": last,
+                "n_pages": n,
+                "data": data if one and first <= limit else None,
+            }
+
+
 class DecodePages:
-    """Source rows (`uri`, `doc`, `prompts`, `done`) -> decoded page rows (DECODED_SCHEMA).
+    """Decode tasks (TASK_SCHEMA, or source rows: a whole document) -> decoded page rows (DECODED_SCHEMA).
 
     `done` lists "page:prompt_hash" keys already in the output (resume): those pages are not rendered again. Ray runs
-    this as tasks; it yields a block every `chunk_pages` pages so a long PDF never sits in memory whole.
+    this as tasks; it yields a table every `chunk_pages` pages, so a task holds a few pages' views, not its range's.
     """
 
     def __init__(self, storage: Storage, config: DecodeConfig = DecodeConfig()):
@@ -151,7 +251,9 @@ class DecodePages:
 
     def pages(self, src: dict) -> Iterator[dict]:
         uri, prompts, done = src["uri"], list(src["prompts"]), set(src.get("done") or ())
+        first, last, n_pages = src.get("first"), src.get("last"), src.get("n_pages")
         base = {"doc": src["doc"], "source_uri": uri}
+        max_pages = self.config.max_pages
 
         def todo(page: int) -> list[str]:
             return [p for p in prompts if f"{page}:{prompt_key(p)}" not in done]
@@ -159,11 +261,26 @@ class DecodePages:
         def error(page: int, kind: str, message: str, ps: list[str]) -> dict:
             return {**base, **_NO_VIEWS, "page": page, "prompts": ps, **error_fields(kind, message)}
 
+        def beyond(page: int, n: int) -> str:
+            return f"page {page} of {n} is beyond --max-pages {max_pages}"
+
+        if first is not None and first > max_pages:  # a range of page_limit rows: nothing to read or render
+            for i in range(first, last + 1):
+                if ps := todo(i):
+                    yield error(i, "page_limit", beyond(i, n_pages), ps)
+            return
         try:
-            data = self.storage.read(uri, max_bytes=self.config.max_bytes)
+            data = src.get("data")
+            if data is None:
+                data = self.storage.read(uri, max_bytes=self.config.max_bytes)
             doc = open_document(data, uri, self.config)
         except Exception as e:  # noqa: BLE001 - a document that fails becomes typed error rows, never a crash
             kind, message = classify(e)
+            if first is not None:  # its page count is known: one row per page of this range, as any other range
+                for i in range(first, last + 1):
+                    if ps := todo(i):
+                        yield error(i, kind, message, ps)
+                return
             # A prompt with any page of this document already written is finished for it (the object may have been
             # deleted or replaced since): a page-0 row now would answer it twice.
             answered = {k.rsplit(":", 1)[1] for k in done}
@@ -172,14 +289,16 @@ class DecodePages:
                 yield error(0, kind, message, ps)
             return
         try:
-            for i in range(1, doc.n_pages + 1):
+            n = doc.n_pages
+            for i in range(first or 1, (last or n) + 1):
                 ps = todo(i)
                 if not ps:
                     continue
-                if i > self.config.max_pages:
-                    yield error(
-                        i, "page_limit", f"page {i} of {doc.n_pages} is beyond --max-pages {self.config.max_pages}", ps
-                    )
+                if i > n:  # the object was replaced by a shorter one after it was split: say so, do not drop it
+                    yield error(i, "not_found", f"page {i} no longer exists: the document has {n} pages now", ps)
+                    continue
+                if i > max_pages:
+                    yield error(i, "page_limit", beyond(i, n), ps)
                     continue
                 try:
                     views = cut_views(doc.page(i - 1), self.config.windows)

@@ -1,7 +1,8 @@
 """The document batch job: list -> decode on CPU -> engine on a GPU actor pool -> Parquet parts, resumable.
 
     sources (driver: list inputs, drop what is done)
-      -> DecodePages       Ray tasks (CPU): read, split pages, rasterize PDFs, cut windows      (pipelines/documents.py)
+      -> SplitDocuments    Ray tasks (1/4 CPU): read, count pages, long documents -> ranges  (pipelines/documents.py)
+      -> DecodePages       Ray tasks (CPU), one per range: render PDF pages, decode images, cut windows
       -> GenerateStage     Ray actor pool, num_gpus per actor, autoscaling MIN..MAX           (pipelines/generate.py)
       -> PartWriter        the driver, streaming: dedupe by id, write `part-<run>-<n>.parquet` files
 
@@ -31,7 +32,7 @@ import pyarrow as pa
 
 from runtime.local_ray import prepare_local_env
 
-from .documents import DecodeConfig, DecodePages
+from .documents import DecodeConfig, DecodePages, SplitDocuments
 from .generate import GenerateConfig, GenerateStage
 from .output import PartWriter, output_parts, read_done_ids, record_settings
 from .plan import group_sources, plan_sources
@@ -63,9 +64,13 @@ class JobConfig:
     batch_size: int = 16  # pages per engine call (they share ViT batches and decode steps)
     max_slots: int = 16  # sequences the engine decodes together
     decode_cpus: float = 1.0  # per decode task
-    # Memory reserved per decode task (a rasterized page, its windows and pdfium's buffers). Also keeps decoding in its
-    # own tasks on CPU-only clusters: with identical resource asks Ray Data would fuse it into the engine actors.
-    decode_memory: int = 512 * 2**20
+    # Memory reserved per decode task: what a task's worker process peaked at (USS, what Ray Data compares with the
+    # reservation) with the default settings, over the page kinds of benchmarks/decode_memory.py, plus a quarter.
+    # It also keeps decoding in its own tasks on CPU-only clusters: with identical resource asks Ray Data would fuse
+    # it into the engine actors.
+    decode_memory: int = 1536 * 2**20
+    max_render_pixels: int = 12_000_000  # a rendered PDF page is at most this many pixels (dpi lowered beyond)
+    pages_per_task: int = 16  # longer documents are split into decode tasks of this many pages
     resume: bool = True
     rows_per_file: int = 5000
     flush_seconds: float = 60.0  # at most this much finished work is lost to a hard kill
@@ -135,30 +140,51 @@ def resolve_resources(config: JobConfig) -> JobConfig:
 
 
 def build_dataset(records: list[dict], config: JobConfig, storage: Storage, generate: GenerateConfig):
-    import ray
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = config.ray_progress
+    return decoded_pages(records, config, storage).map_batches(
+        GenerateStage,
+        fn_constructor_args=(generate,),
+        batch_size=config.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(min_size=config.actors[0], max_size=config.actors[1]),
+        num_gpus=config.gpus_per_actor,
+        num_cpus=config.cpus_per_actor,
+        **_cpu_engine_args(config),
+    )
+
+
+def decoded_pages(records: list[dict], config: JobConfig, storage: Storage):
+    """Sources -> split into decode tasks -> one block per task -> decoded pages (the Dataset before the engine)."""
+    import ray
+
     table = pa.Table.from_pylist(records, schema=SOURCE_SCHEMA)
-    # Many small input blocks: documents spread over decode tasks instead of queueing behind one.
+    # Many small input blocks: documents spread over split tasks instead of queueing behind one.
     per_block = max(1, -(-len(records) // 1000))
     blocks = [table.slice(i, per_block) for i in range(0, len(records), per_block)] or [table]
-    decode = DecodePages(storage, DecodeConfig(windows=_windows(config), dpi=config.dpi, max_pages=config.max_pages))
+    decode_config = DecodeConfig(
+        windows=_windows(config),
+        dpi=config.dpi,
+        max_pages=config.max_pages,
+        max_render_pixels=config.max_render_pixels,
+        pages_per_task=config.pages_per_task,
+    )
     return (
         ray.data.from_arrow(blocks)
+        # Counting pages reads the object but renders nothing: a quarter CPU, and no fusing with the decode tasks
+        # (different resource asks), which must each get one task from the split.
+        .map_batches(SplitDocuments(storage, decode_config), batch_size=1, batch_format="pyarrow", num_cpus=0.25)
+        # Ray Data merges a task's outputs into blocks of up to 128 MiB: without this, the ranges of a long document
+        # would travel as one block, and one decode task would render them all.
+        .repartition(target_num_rows_per_block=1)
         .map_batches(
-            decode, batch_size=1, batch_format="pyarrow", num_cpus=config.decode_cpus, memory=config.decode_memory
-        )
-        .map_batches(
-            GenerateStage,
-            fn_constructor_args=(generate,),
-            batch_size=config.batch_size,
+            DecodePages(storage, decode_config),
+            batch_size=1,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(min_size=config.actors[0], max_size=config.actors[1]),
-            num_gpus=config.gpus_per_actor,
-            num_cpus=config.cpus_per_actor,
-            **_cpu_engine_args(config),
+            num_cpus=config.decode_cpus,
+            memory=config.decode_memory,
         )
     )
 
