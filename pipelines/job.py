@@ -1,7 +1,7 @@
 """The document batch job: list -> decode on CPU -> engine on a GPU actor pool -> Parquet parts, resumable.
 
     sources (driver: list inputs, drop what is done)
-      -> SplitDocuments    Ray tasks (1/4 CPU): read, count pages, long documents -> ranges  (pipelines/documents.py)
+      -> SplitDocuments    Ray tasks: read, count pages, long documents -> page ranges      (pipelines/documents.py)
       -> DecodePages       Ray tasks (CPU), one per range: render PDF pages, decode images, cut windows
       -> GenerateStage     Ray actor pool, num_gpus per actor, autoscaling MIN..MAX           (pipelines/generate.py)
       -> PartWriter        the driver, streaming: dedupe by id, write `part-<run>-<n>.parquet` files
@@ -173,11 +173,11 @@ def decoded_pages(records: list[dict], config: JobConfig, storage: Storage):
     )
     return (
         ray.data.from_arrow(blocks)
-        # Counting pages reads the object but renders nothing: a quarter CPU, and no fusing with the decode tasks
-        # (different resource asks), which must each get one task from the split.
-        .map_batches(SplitDocuments(storage, decode_config), batch_size=1, batch_format="pyarrow", num_cpus=0.25)
-        # Ray Data merges a task's outputs into blocks of up to 128 MiB: without this, the ranges of a long document
-        # would travel as one block, and one decode task would render them all.
+        # Ray Data merges a task's outputs into blocks of up to 128 MiB: without the repartition the ranges of a long
+        # document would travel as one block, and one decode task would render them all. The split keeps Ray's default
+        # resource ask so that Ray Data fuses it with the repartition (one task, 1 CPU, short: it renders nothing);
+        # with any other ask the repartition would be a task of its own, holding a CPU of its own.
+        .map_batches(SplitDocuments(storage, decode_config), batch_size=1, batch_format="pyarrow")
         .repartition(target_num_rows_per_block=1)
         .map_batches(
             DecodePages(storage, decode_config),
