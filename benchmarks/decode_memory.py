@@ -167,7 +167,7 @@ def main(argv=None) -> None:
 
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     # (on the reporting module itself: Ray Data re-configures the handlers of "ray.data" when a dataset first runs)
     logging.getLogger("ray.data._internal.issue_detection.issue_detector_manager").addHandler(CatchMemoryWarning())
     try:

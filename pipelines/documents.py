@@ -231,7 +231,8 @@ class DecodePages:
     """Decode tasks (TASK_SCHEMA, or source rows: a whole document) -> decoded page rows (DECODED_SCHEMA).
 
     `done` lists "page:prompt_hash" keys already in the output (resume): those pages are not rendered again. Ray runs
-    this as tasks; it yields a table every `chunk_pages` pages, so a task holds a few pages' views, not its range's.
+    this as tasks, one per range; it yields a table every `chunk_pages` pages (Ray Data ships them in blocks of up to
+    128 MiB), so a task holds at most its range's views (`pages_per_task` x up to ~10 MB), never a whole long document.
     """
 
     def __init__(self, storage: Storage, config: DecodeConfig = DecodeConfig()):

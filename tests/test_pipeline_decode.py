@@ -166,3 +166,43 @@ def test_a_long_pdf_job_gives_every_page_once_and_resumes_only_the_missing(
     ids = [r["id"] for r in read_rows(str(out))]
     assert not [i for i, n in Counter(ids).items() if n > 1], "an id written twice"
     assert set(by_page(read_rows(str(out)))) == expected
+
+
+def test_the_decode_reservation_covers_the_bad_input_corpus(tiny_checkpoint, ray_session, tmp_path):
+    """Ray Data compares each decode worker's peak with `memory=`: at the default it stays quiet for the corpus; with
+    a reservation below a worker's baseline it warns (so the check can fail)."""
+    import logging
+    import time
+
+    from pipelines.job import JobConfig, decoded_pages
+    from pipelines.plan import plan_sources
+    from pipelines.storage import list_sources
+
+    from .corpus import bad_corpus
+
+    docs = write_files(tmp_path / "corpus", {c.name: c.data for c in bad_corpus()})
+    warned: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            if "used up to" in " ".join(record.getMessage().split()):
+                warned.append(record.getMessage())
+
+    # (the reporting module itself: Ray Data re-configures the handlers of "ray.data" when a dataset first runs)
+    reporter = logging.getLogger("ray.data._internal.issue_detection.issue_detector_manager")
+    handler = Catch()
+    reporter.addHandler(handler)
+    try:
+        outcome = {}
+        for memory in (JobConfig.decode_memory, 64 * 2**20):
+            cfg = config(tiny_checkpoint, [docs], tmp_path / "out", decode_memory=memory)
+            records, _ = plan_sources(list_sources(list(cfg.inputs), Storage()), cfg.prompts, set())
+            warned.clear()
+            rows = sum(b.num_rows for b in decoded_pages(records, cfg, Storage()).iter_batches(batch_format="pyarrow"))
+            time.sleep(2.0)  # the executor's final check logs from its own thread
+            assert rows >= len(records) > 10, f"{rows} decoded rows for {len(records)} documents"
+            outcome[memory] = bool(warned)
+    finally:
+        reporter.removeHandler(handler)
+    assert not outcome[JobConfig.decode_memory], f"a decode worker used more than the default reservation: {outcome}"
+    assert outcome[64 * 2**20], "Ray Data did not warn about a 64 MiB reservation: the check above proves nothing"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -33,8 +34,17 @@ def engine_actor_nodes() -> list[str]:
 
 
 def start_cluster(node: dict, temp_dir: str, attempts: int = 3):
-    """Head + one worker node. Ray gives a node 30 s to register, which a loaded machine can miss: try again."""
+    """Head + one worker node. Ray gives a node 30 s to register, which a loaded machine can miss: try again.
+
+    `Cluster` records its head in /tmp/ray/ray_current_cluster, where every `ray.init()` without an address on this
+    machine would find it and connect to it instead of starting its own Ray (other test sessions included). This
+    cluster is private: the record is neither written nor, at shutdown, deleted (the driver connects by address)."""
+    import ray._common.utils
+    import ray._private.utils
     from ray.cluster_utils import Cluster
+
+    ray._private.utils.write_ray_address = lambda *args, **kwargs: None
+    ray._common.utils.reset_ray_address = lambda *args, **kwargs: None  # nor someone else's record deleted at the end
 
     for attempt in range(1, attempts + 1):
         cluster = None
@@ -73,6 +83,7 @@ def main(argv=None) -> int:
     # A short temp dir: Ray's socket paths must stay under 107 characters.
     temp_dir = tempfile.mkdtemp(prefix="r2n-", dir="/tmp")
     node = dict(num_cpus=3, object_store_memory=200 * 2**20, node_ip_address="127.0.0.1")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below (cluster shutdown) on a kill
     cluster, worker = start_cluster(node, temp_dir)
     result: dict = {"nodes_before": [], "removed": None, "replaced": False}
     try:
