@@ -1,0 +1,96 @@
+"""InfiMM-HD's four training stages as presets: what is trained, at which resolution, with which optimizer settings.
+
+Paper §3.2 and Table 8 (summary in ../shared/reference/infimm-hd-spec.md §7):
+
+| stage | ViT    | gated x-attn | LLM                          | views                           | LR peak -> min | batch |
+|-------|--------|--------------|------------------------------|---------------------------------|----------------|-------|
+| 1 PT  | frozen | trained      | frozen, input embeddings on  | one 224 px view                 | 1e-4 -> 1e-4   | 768   |
+| 2 CPT | train  | trained      | frozen                       | one 448 px view (PE 224 -> 448) | 1e-5 -> 1e-6   | 256   |
+| 3 DRA | train  | trained      | frozen                       | 448 windows + thumbnail         | 1e-5 -> 1e-6   | 256   |
+| 4 IFT | frozen | trained      | trained                      | 448 windows + thumbnail         | 5e-6 -> 5e-7   | 64    |
+
+All stages: AdamW, linear warm-up then cosine decay to the minimum, weight decay 0.1, gradient clipping 1.0; PT uses
+betas (0.9, 0.95) eps 1e-8, the others (0.9, 0.999) eps 1e-5 (the likeliest reading of Table 8). Gradient
+checkpointing in DRA only. The `full` presets are those numbers; the `tiny` presets keep every policy and the
+resolution step (x2 from stage 1 to 2) but halve the sizes (112 -> 224 px) and use step counts, batches and learning
+rates that train a ~1 M-parameter model on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    stage: int
+    name: str
+    train_vision: bool
+    train_xattn: bool
+    train_llm: bool  # decoder layers, final norm and LM head
+    train_embeddings: bool  # input embeddings (PT unfreezes them, as the official pretrain config)
+    image_size: int  # the ViT input size of this stage; a checkpoint at another size gets its PE interpolated
+    dynamic: bool  # windows + thumbnail (DRA, IFT); False: the whole page as one view
+    max_windows: int
+    steps: int
+    warmup: int
+    batch: int  # global batch (split over the workers)
+    lr: float
+    min_lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    grad_accum: int = 1
+    grad_checkpointing: bool = False
+    max_text_len: int = 128  # prompt + answer tokens per example (longer ones are cut from the left of the prompt)
+
+    def replace(self, **changes) -> StageSpec:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def policy(self) -> str:
+        parts = [
+            f"ViT {'trained' if self.train_vision else 'frozen'}",
+            f"x-attn {'trained' if self.train_xattn else 'frozen'}",
+            "LLM trained"
+            if self.train_llm
+            else ("LLM frozen (input embeddings trained)" if self.train_embeddings else "LLM frozen"),
+        ]
+        views = f"{self.image_size} px windows + thumbnail" if self.dynamic else f"one {self.image_size} px view"
+        return ", ".join(parts) + f"; {views}"
+
+
+_PT, _REST = ((0.9, 0.95), 1e-8), ((0.9, 0.999), 1e-5)
+
+FULL = {
+    1: StageSpec(1, "PT", False, True, False, True, 224, False, 1, 120_000, 6_000, 768, 1e-4, 1e-4, *_PT, grad_accum=2),
+    2: StageSpec(2, "CPT", True, True, False, False, 448, False, 1, 8_000, 400, 256, 1e-5, 1e-6, *_REST),
+    3: StageSpec(
+        3, "DRA", True, True, False, False, 448, True, 9, 8_000, 400, 256, 1e-5, 1e-6, *_REST, grad_checkpointing=True
+    ),
+    4: StageSpec(4, "IFT", False, True, True, False, 448, True, 9, 11_000, 550, 64, 5e-6, 5e-7, *_REST, grad_accum=2),
+}
+FULL[4] = FULL[4].replace(max_text_len=1024)
+
+# Tiny: same policies, half the resolutions, CPU-sized schedules. Higher learning rates than the paper's because
+# nothing here starts pretrained (the trial behind issue 14 found 3e-3 with warm-up and cosine works at this size).
+TINY = {
+    1: StageSpec(1, "PT", False, True, False, True, 112, False, 1, 600, 60, 8, 3e-3, 3e-4, *_PT),
+    2: StageSpec(2, "CPT", True, True, False, False, 224, False, 1, 1200, 100, 8, 3e-3, 3e-4, *_REST),
+    3: StageSpec(
+        3, "DRA", True, True, False, False, 224, True, 4, 1200, 100, 8, 2e-3, 2e-4, *_REST, grad_checkpointing=True
+    ),
+    4: StageSpec(4, "IFT", False, True, True, False, 224, True, 4, 2000, 100, 8, 2e-3, 1e-4, *_REST),
+}
+PRESETS = {"full": FULL, "tiny": TINY}
+
+
+def stage_spec(stage: int, preset: str = "tiny", **overrides) -> StageSpec:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown stage preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if stage not in PRESETS[preset]:
+        raise ValueError(f"stage must be 1 (PT), 2 (CPT), 3 (DRA) or 4 (IFT), got {stage}")
+    spec = PRESETS[preset][stage]
+    return spec.replace(**{k: v for k, v in overrides.items() if v is not None})
