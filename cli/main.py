@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_convert)
 
-    for module in ("pipelines.cli", "deployments.cli"):
+    for module in ("pipelines.cli", "deployments.cli", "training.cli"):
         try:
             mod = __import__(module, fromlist=["add_commands"])
         except ModuleNotFoundError as e:  # the [ray] extra is not installed (or the module does not exist yet)

@@ -122,12 +122,18 @@ def cmd_train(args) -> int:
 
 
 def _ensure_ray(address: str | None) -> None:
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only for local runs; before import ray
+    if address:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=address)
+        return
+    from runtime.local_ray import prepare_local_env
+
+    env = prepare_local_env()  # loopback only for a local Ray; before `import ray`
+    if "OMP_WAIT_POLICY" in os.environ:  # workers inherit a passive OpenMP wait (spinning collapses on shared cores)
+        env["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
     import ray
 
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(include_dashboard=False, logging_level=logging.WARNING)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, runtime_env={"env_vars": env})

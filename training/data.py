@@ -9,6 +9,7 @@ settings), so training sees exactly the views serving will; a PDF's first page i
 from __future__ import annotations
 
 import io
+import random
 from pathlib import Path
 
 import numpy as np
@@ -127,14 +128,17 @@ def examples_from_batch(batch: dict) -> list:
 
 
 def build_dataset(manifests: list[str], tokenizer_dir: str, config_dir: str, spec: StageSpec, seed: int, s3=None):
-    """Ray Data dataset of decoded examples from one or more manifests (rows shuffled once, seeded)."""
+    """Ray Data dataset of decoded examples from one or more manifests (rows shuffled once, seeded; the workers
+    shuffle further in a local buffer)."""
     import ray
 
     s3 = s3 or S3Settings.from_env()
     storage = Storage(s3)
     rows = [r for m in manifests for r in read_manifest_rows(m, storage)]
-    ds = ray.data.from_items(rows).random_shuffle(seed=seed)
-    return ds.map_batches(
+    # Shuffled here, not with Dataset.random_shuffle: its all-to-all tasks want a whole CPU each, which a small
+    # cluster whose cores the trainer holds never frees (the stage then waits forever).
+    random.Random(seed).shuffle(rows)
+    return ray.data.from_items(rows).map_batches(
         DecodeExamples,
         fn_constructor_args=(tokenizer_dir, config_dir, spec, s3),
         batch_size=16,

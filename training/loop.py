@@ -149,7 +149,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     log.info("rank %d/%d: stage %s, %d trained tensors, from step %d", rank, world, spec.name, len(trained), step)
     while step < spec.steps:
-        for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy", drop_last=True):
+        for batch in shard.iter_batches(
+            batch_size=per_worker, batch_format="numpy", drop_last=True, local_shuffle_buffer_size=4 * per_worker
+        ):
             if step >= spec.steps:
                 break
             if run.fail_at_step is not None and step == run.fail_at_step and not os.path.exists(run.fail_marker):

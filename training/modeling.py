@@ -226,7 +226,8 @@ def greedy_answer(model: InfiMMHD, processor, example: Example, max_new_tokens: 
 def save_checkpoint(model: InfiMMHD, folder: str | Path, tokenizer_src: str | Path, extra: dict | None = None) -> Path:
     """config.json + model.safetensors (official keys, float32) + tokenizer/, loadable by `load_pretrained` strictly
     and so by the engine, the batch job and the service unchanged. `extra` lands in training.json."""
-    from model.tokenizer import TOKENIZER_FILES, tokenizer_dir
+    from model.tokenizer import tokenizer_dir
+    from model.weights import TOKENIZER_FILES
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
