@@ -26,7 +26,7 @@ def cmd_generate(args) -> int:
     from model.engine import Engine, EngineConfig, SamplingParams
     from model.windows import WindowConfig
 
-    checkpoint = resolve_checkpoint(args.checkpoint)
+    checkpoint = resolve_checkpoint(args.checkpoint, random=args.random)
     engine = Engine.from_pretrained(
         checkpoint,
         device=args.device,
@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="answer one question about one page image")
-    p.add_argument("--checkpoint", help="official-layout checkpoint folder (default: tiny RANDOM weights)")
+    p.add_argument("--checkpoint", help="official-layout checkpoint folder (default: the demo reader)")
+    p.add_argument(
+        "--random", action="store_true", help="without --checkpoint: tiny RANDOM weights instead of the demo reader"
+    )
     p.add_argument("--image", required=True, help="page image file (PNG, JPEG, TIFF, ...)")
     p.add_argument("--prompt", default="Transcribe the text of this page.", help="the question")
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -41,12 +41,12 @@ def load_engine(a: ServeArgs, observer=None):
 
     from model.config import InfiMMHDConfig
     from model.engine import Engine, EngineConfig
-    from runtime.checkpoints import RANDOM_BANNER, default_tiny_checkpoint
+    from runtime.checkpoints import default_banner, default_checkpoint
 
     checkpoint = a.checkpoint
     if not checkpoint:
-        log.warning("\n%s", RANDOM_BANNER)
-        checkpoint = default_tiny_checkpoint()
+        log.warning("\n%s", default_banner(a.random_weights))
+        checkpoint = default_checkpoint(a.random_weights)
     positions = InfiMMHDConfig.from_pretrained(checkpoint).text.max_positions
     if a.max_seq_len > positions:  # e.g. the production config run with the tiny checkpoint
         log.warning(
@@ -57,10 +57,18 @@ def load_engine(a: ServeArgs, observer=None):
         device=a.device,
         dtype=getattr(torch, a.dtype) if a.dtype else None,
         config=EngineConfig(max_slots=a.max_slots, max_seq_len=min(a.max_seq_len, positions)),
-        windows=a.window_config(),
+        windows=a.window_config(),  # the engine's processor sets the window to the checkpoint's ViT size
         prompt_format=a.prompt_format,
         observer=observer,
     )
+
+
+def ingress_windows(a: ServeArgs):
+    """The ingress cuts pages exactly as the replica's engine expects: window size from the checkpoint."""
+    from model.processor import checkpoint_windows
+    from runtime.checkpoints import default_checkpoint
+
+    return checkpoint_windows(a.checkpoint or default_checkpoint(a.random_weights), a.window_config())
 
 
 def _metrics(a: ServeArgs):
@@ -169,7 +177,7 @@ class OpenAIIngress:
         api_key = a.api_key or os.environ.get(a.api_key_env) or None
         policy = ImagePolicy(
             max_image_bytes=a.limits.max_image_bytes,
-            windows=a.window_config(),
+            windows=ingress_windows(a),
             allowed_http_hosts=tuple(a.allowed_http_hosts),
             allowed_s3_prefixes=tuple(a.allowed_s3_prefixes),
             s3_endpoint_url=a.s3_endpoint_url,

@@ -28,7 +28,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", help="checkpoint folder (default: tiny RANDOM weights, loudly)")
+    p.add_argument("--checkpoint", help="checkpoint folder (default: the demo reader, loudly)")
+    p.add_argument(
+        "--random", action="store_true", help="without --checkpoint: tiny RANDOM weights instead of the demo reader"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -104,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env = prepare_local_env() if local else {}  # before `import ray`: a local Ray stays on loopback
     from runtime.checkpoints import resolve_checkpoint
 
-    args.checkpoint = str(resolve_checkpoint(args.checkpoint))  # prints the RANDOM-weights banner when none is given
+    args.checkpoint = str(resolve_checkpoint(args.checkpoint, random=args.random))  # prints a banner when defaulted
     if args.num_gpus is None:
         import torch
 

@@ -77,7 +77,10 @@ class ServeArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # model replica
-    checkpoint: str | None = Field(None, description="checkpoint folder; None = tiny RANDOM weights (demo only)")
+    checkpoint: str | None = Field(None, description="checkpoint folder; None = the demo reader (demo only)")
+    random_weights: bool = Field(
+        False, description="with no checkpoint: tiny RANDOM weights instead of the demo reader"
+    )
     model_name: str = Field("infimm-hd", description="the `model` id clients send and /v1/models lists")
     device: str | None = Field(None, description="cpu, cuda, cuda:1; default: cuda if the replica sees a GPU")
     dtype: str | None = Field(None, description="float32 | bfloat16; default: bfloat16 on GPU, float32 on CPU")

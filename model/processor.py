@@ -10,6 +10,7 @@ Multi-turn chats render each user turn as ` USER: ...` and each assistant turn a
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,20 @@ class Inputs:
         return normalize_views(self.images[i].views, dtype)
 
 
+def checkpoint_windows(checkpoint: str | Path, windows: WindowConfig = WindowConfig()) -> WindowConfig:
+    """`windows` with the window size a checkpoint's ViT takes (config.json `visual.image_size`: 448 for InfiMM-HD,
+    224 for the demo reader); views of any other size cannot go through its patch embedding. Everything that cuts
+    pages for a checkpoint (engine, batch decode stage, Serve ingress) derives its settings here."""
+    return windows_for(InfiMMHDConfig.from_pretrained(checkpoint), windows)
+
+
+def windows_for(config: InfiMMHDConfig, windows: WindowConfig = WindowConfig()) -> WindowConfig:
+    size = config.vision.image_size
+    if windows.window == size:
+        return windows
+    return dataclasses.replace(windows, window=size, max_side=max(size, windows.max_side * size // windows.window))
+
+
 class Processor:
     def __init__(
         self,
@@ -70,7 +85,7 @@ class Processor:
     ):
         self.tokenizer = tokenizer
         self.config = config
-        self.windows = windows
+        self.windows = windows_for(config, windows)  # the window is the ViT's input size, whatever was asked
         self.prompt = prompt
         for token, expected in ((IMAGE_TOKEN, config.image_token_id), (EOC_TOKEN, config.eoc_token_id)):
             got = tokenizer.convert_tokens_to_ids(token)

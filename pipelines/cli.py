@@ -52,7 +52,11 @@ RUN_OPTIONS: list[tuple[str, dict]] = [
         ),
     ),
     ("--prompts-file", dict(metavar="FILE", help="one prompt per non-empty line")),
-    ("--checkpoint", dict(metavar="DIR", help="official-layout checkpoint folder (default: tiny RANDOM weights)")),
+    ("--checkpoint", dict(metavar="DIR", help="official-layout checkpoint folder (default: the demo reader)")),
+    (
+        "--random",
+        dict(action="store_true", help="without --checkpoint: tiny RANDOM weights instead of the demo reader"),
+    ),
     ("--max-new-tokens", dict(type=int, default=512)),
     ("--dpi", dict(type=int, default=150, help="PDF rasterization resolution")),
     ("--max-pages", dict(type=int, default=1000, help="pages per document; later ones become page_limit rows")),
@@ -137,7 +141,7 @@ def job_config(args: argparse.Namespace):
         inputs=tuple(args.inputs),
         output=args.output,
         prompts=tuple(prompts_of(args)),
-        checkpoint=str(resolve_checkpoint(args.checkpoint)),  # prints the RANDOM-weights banner when defaulted
+        checkpoint=str(resolve_checkpoint(args.checkpoint, random=args.random)),  # prints a banner when defaulted
         max_new_tokens=args.max_new_tokens,
         dpi=args.dpi,
         max_pages=args.max_pages,

@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from model.engine import Engine, EngineConfig, Request, Result
+from model.processor import checkpoint_windows
 from model.sampling import SamplingParams
 from model.windows import PageViews, WindowConfig, feature_key
 
@@ -47,7 +48,8 @@ class GenerateStage:
         if device == "cpu" and config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.metrics = Metrics(frontend="batch", backend=config.metrics)
-        self.windows = WindowConfig(max_windows=config.max_windows)  # as the decode stage cut the pages
+        # as the decode stage cut the pages (window size from the checkpoint)
+        self.windows = checkpoint_windows(config.checkpoint, WindowConfig(max_windows=config.max_windows))
         self.engine = Engine.from_pretrained(
             config.checkpoint,
             device=device,

@@ -197,9 +197,10 @@ def _cpu_engine_args(config: JobConfig) -> dict:
 
 
 def _windows(config: JobConfig):
+    from model.processor import checkpoint_windows
     from model.windows import WindowConfig
 
-    return WindowConfig(max_windows=config.max_windows)
+    return checkpoint_windows(config.checkpoint, WindowConfig(max_windows=config.max_windows))
 
 
 def run_job(

@@ -37,9 +37,55 @@ def default_tiny_checkpoint(seed: int = 0, folder: str | os.PathLike | None = No
     return folder
 
 
-def resolve_checkpoint(path: str | os.PathLike | None) -> Path:
-    """`path` if given; else the default checkpoint, with its banner on stderr."""
+# The demo reader (checkpoints/demo-reader/, README "Training"): a tiny model trained by training/demo_recipe.sh.
+DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "demo-reader"
+DEMO_PROMPT = "What word is printed on this page?"
+
+
+def demo_banner(folder: Path = DEMO_CHECKPOINT) -> str:
+    facts = ""
+    readme = folder / "eval.json"
+    if readme.exists():
+        import json
+
+        e = json.loads(readme.read_text()).get("batch_job") or {}
+        if e:
+            facts = f" (held-out: CER {e['cer']:.2f}, exact match {e['exact_match']:.2f})"
+    return (
+        "=" * 78 + "\n"
+        "  NOTE: no --checkpoint given: using the DEMO READER, a ~1 M-parameter model trained by this repository's\n"
+        "  recipe on SYNTHETIC pages. It is NOT InfiMM-HD's weights. It reads one printed word (of a closed list of\n"
+        f"  97) on a 224 px page, asked {DEMO_PROMPT!r}{facts}.\n"
+        "  Anything else gets guesses. Pass --checkpoint DIR for a real model, --random for random tiny weights.\n"
+        + "="
+        * 78
+    )
+
+
+def is_random_checkpoint(folder: str | os.PathLike) -> bool:
+    from model.weights import is_random_checkpoint as random_marker
+
+    return random_marker(folder)
+
+
+def demo_checkpoint() -> Path | None:
+    """The shipped demo reader, if this checkout has it (it is not part of a wheel)."""
+    return DEMO_CHECKPOINT if (DEMO_CHECKPOINT / "config.json").exists() else None
+
+
+def default_checkpoint(random: bool = False) -> Path:
+    """The demo reader, or the tiny random checkpoint when asked for (`--random`) or when the demo is not here."""
+    demo = None if random else demo_checkpoint()
+    return demo or default_tiny_checkpoint()
+
+
+def default_banner(random: bool = False) -> str:
+    return demo_banner() if not random and demo_checkpoint() else RANDOM_BANNER
+
+
+def resolve_checkpoint(path: str | os.PathLike | None, random: bool = False) -> Path:
+    """`path` if given; else the default checkpoint (`default_checkpoint`), with its banner on stderr."""
     if path:
         return Path(path)
-    print(RANDOM_BANNER, file=sys.stderr)
-    return default_tiny_checkpoint()
+    print(default_banner(random), file=sys.stderr)
+    return default_checkpoint(random)

@@ -90,8 +90,11 @@ def cmd_train(args) -> int:
     output = Path(args.output)
     init = args.init
     if args.fresh:
-        init = str(fresh_checkpoint(args.fresh, output.with_name(output.name + "-init"), spec.image_size, args.seed,
-                                    args.gate_init))
+        init = str(
+            fresh_checkpoint(
+                args.fresh, output.with_name(output.name + "-init"), spec.image_size, args.seed, args.gate_init
+            )
+        )
     elif not (Path(init) / "config.json").exists():
         raise FileNotFoundError(f"--from {init}: no config.json there (is it a stage output?)")
     run = RunSpec(
@@ -104,8 +107,10 @@ def cmd_train(args) -> int:
         strategy=args.strategy,
     )
     _ensure_ray(args.address)
-    print(f"stage {spec.stage} {spec.name}: {spec.policy}; {spec.steps} steps, batch {spec.batch}, lr {spec.lr}",
-          file=sys.stderr)
+    print(
+        f"stage {spec.stage} {spec.name}: {spec.policy}; {spec.steps} steps, batch {spec.batch}, lr {spec.lr}",
+        file=sys.stderr,
+    )
     metrics = run_stage(
         run,
         args.data,
@@ -135,5 +140,15 @@ def _ensure_ray(address: str | None) -> None:
         env["OMP_WAIT_POLICY"] = os.environ["OMP_WAIT_POLICY"]
     import ray
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, runtime_env={"env_vars": env})
+    for attempt in range(3):  # a raylet gets 30 s to come up; on a machine under heavy load it sometimes needs more
+        if ray.is_initialized():
+            return
+        try:
+            ray.init(
+                address="local", include_dashboard=False, logging_level=logging.WARNING, runtime_env={"env_vars": env}
+            )
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for a node that timed out starting
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            log.warning("local Ray did not start in time (%s); retrying", e)
+            ray.shutdown()

@@ -138,14 +138,21 @@ def train_loop_per_worker(config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 inner = model
                 save_checkpoint(inner, d, run.init, extra={"stage": dataclasses.asdict(spec), "step": step})
-                torch.save({"optimizer": opt.state_dict(), "step": step, "history": history}, Path(d) / "train_state.pt")
+                torch.save(
+                    {"optimizer": opt.state_dict(), "step": step, "history": history}, Path(d) / "train_state.pt"
+                )
                 (Path(d) / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
-        log.info("stage %d step %d/%d loss %.4f %.0f tok/s", spec.stage, step, spec.steps, metrics["loss"], metrics[
-            "tokens_per_s"
-        ])
+        log.info(
+            "stage %d step %d/%d loss %.4f %.0f tok/s",
+            spec.stage,
+            step,
+            spec.steps,
+            metrics["loss"],
+            metrics["tokens_per_s"],
+        )
 
     log.info("rank %d/%d: stage %s, %d trained tensors, from step %d", rank, world, spec.name, len(trained), step)
     while step < spec.steps:

@@ -2,12 +2,12 @@
 
 Paper §3.2 and Table 8 (summary in ../shared/reference/infimm-hd-spec.md §7):
 
-| stage | ViT    | gated x-attn | LLM                          | views                           | LR peak -> min | batch |
-|-------|--------|--------------|------------------------------|---------------------------------|----------------|-------|
-| 1 PT  | frozen | trained      | frozen, input embeddings on  | one 224 px view                 | 1e-4 -> 1e-4   | 768   |
-| 2 CPT | train  | trained      | frozen                       | one 448 px view (PE 224 -> 448) | 1e-5 -> 1e-6   | 256   |
-| 3 DRA | train  | trained      | frozen                       | 448 windows + thumbnail         | 1e-5 -> 1e-6   | 256   |
-| 4 IFT | frozen | trained      | trained                      | 448 windows + thumbnail         | 5e-6 -> 5e-7   | 64    |
+| stage | ViT    | x-attn | LLM                         | views                           | LR peak -> min | batch |
+|-------|--------|--------|-----------------------------|---------------------------------|----------------|-------|
+| 1 PT  | frozen | train  | frozen, input embeddings on | one 224 px view                 | 1e-4 -> 1e-4   | 768   |
+| 2 CPT | train  | train  | frozen                      | one 448 px view (PE 224 -> 448) | 1e-5 -> 1e-6   | 256   |
+| 3 DRA | train  | train  | frozen                      | 448 windows + thumbnail         | 1e-5 -> 1e-6   | 256   |
+| 4 IFT | frozen | train  | trained                     | 448 windows + thumbnail         | 5e-6 -> 5e-7   | 64    |
 
 All stages: AdamW, linear warm-up then cosine decay to the minimum, weight decay 0.1, gradient clipping 1.0; PT uses
 betas (0.9, 0.95) eps 1e-8, the others (0.9, 0.999) eps 1e-5 (the likeliest reading of Table 8). Gradient
