@@ -2,11 +2,13 @@
 PY ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench lint dashboard
+.PHONY: setup demo test bench lint dashboard train-demo
 setup: .setup-stamp
 .setup-stamp: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@command -v prometheus >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus)
+	@# DejaVu fonts for the synthetic training corpus (training/corpus.py falls back to Pillow's own font without them)
+	@[ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || $(SUDO) apt-get install -y -qq fonts-dejavu-core || true
 	@touch $@
 
 demo: setup
@@ -28,3 +30,7 @@ bench: setup
 
 dashboard: setup  # rebuild infra/grafana/infimm-hd.json from infra/grafana/dashboard.py (Grafana foundation SDK)
 	$(PY) infra/grafana/dashboard.py
+
+# Retrain the demo reader (checkpoints/demo-reader/) with the four-stage recipe; see README "Training".
+train-demo: setup
+	bash training/demo_recipe.sh

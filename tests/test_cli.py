@@ -30,6 +30,7 @@ def test_generate_without_checkpoint_says_weights_are_random(tmp_path):
         "--max-new-tokens",
         "5",
         "--json",
+        "--random",
         env={"INFIMM_TINY_CHECKPOINT": str(tmp_path / "tiny")},
     )
     assert "RANDOM WEIGHTS" in p.stderr

@@ -26,6 +26,10 @@ from training.modeling import (
 )
 from training.stages import FULL, TINY, stage_spec
 
+# The demo reader on the first 12 held-out pages of its task: how many it must read exactly (eval.json next to the
+# checkpoint has its exact-match rate on 200 such pages).
+HELDOUT_PAGES, MIN_HELDOUT_RIGHT = 12, 6
+
 
 def small_config(image_size: int = 56) -> InfiMMHDConfig:
     tiny = InfiMMHDConfig.preset("tiny")
@@ -185,3 +189,39 @@ def test_engine_serving_the_trained_checkpoint_gives_the_training_loops_answer(r
         assert got == expected, f"engine {got!r} vs training loop {expected!r} for {row['uri']}"
         answers.append(got)
     assert any(answers), "the trained model answers something"
+
+
+# ---- the shipped demo reader ------------------------------------------------------------------------------------
+def demo_reader() -> Path | None:
+    from runtime.checkpoints import demo_checkpoint
+
+    return demo_checkpoint()
+
+
+@pytest.mark.skipif(demo_reader() is None, reason="checkpoints/demo-reader is not in this checkout")
+def test_batch_job_reads_held_out_pages_with_the_demo_reader(ray_session, tmp_path):
+    """The demo task's held-out pages (seed 12345, never trained on) through the batch job: the answers are the printed
+    words, and each row is the engine's own answer for that page alone."""
+    import pyarrow.parquet as pq
+
+    from model.engine import Engine
+    from pipelines.job import JobConfig, run_job
+
+    manifest = generate(tmp_path / "heldout", CorpusConfig(n=HELDOUT_PAGES, seed=12345, kinds=("word",)))
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    run_job(
+        JobConfig(
+            inputs=(str(manifest),), output=str(tmp_path / "out"), checkpoint=str(demo_reader()), max_new_tokens=8
+        ),
+        progress=False,
+    )
+    got = {Path(r["source_uri"]).name: r["text"] for r in pq.read_table(tmp_path / "out").to_pylist()}
+    engine = Engine.from_pretrained(demo_reader())
+    right = 0
+    for row in rows:
+        page = (manifest.parent / row["uri"]).read_bytes()
+        alone = engine.generate([engine.make_request(row["prompt"], [page])])[0].text
+        text = got[Path(row["uri"]).name]
+        assert text == alone, f"batch row {text!r} differs from the engine's answer {alone!r} for {row['uri']}"
+        right += text.strip() == row["answer"]
+    assert right >= MIN_HELDOUT_RIGHT, f"read {right} of {len(rows)} held-out pages exactly"

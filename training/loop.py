@@ -134,10 +134,11 @@ def train_loop_per_worker(config: dict) -> None:
             "stage": spec.stage,
         }
         history.append({**metrics, "time": time.time()})
-        if (step % run.checkpoint_every == 0 or final) and rank == 0:
+        due = step % run.checkpoint_every == 0 or final
+        full = full_model(module, model, run.strategy) if due else None  # FSDP: a collective, every rank joins
+        if due and rank == 0:
             with tempfile.TemporaryDirectory() as d:
-                inner = model
-                save_checkpoint(inner, d, run.init, extra={"stage": dataclasses.asdict(spec), "step": step})
+                save_checkpoint(full, d, run.init, extra={"stage": dataclasses.asdict(spec), "step": step})
                 torch.save(
                     {"optimizer": opt.state_dict(), "step": step, "history": history}, Path(d) / "train_state.pt"
                 )
@@ -182,6 +183,26 @@ def train_loop_per_worker(config: dict) -> None:
                 t0, tokens, losses = time.perf_counter(), 0, []
 
 
+def full_model(module, model, strategy: str):
+    """The whole model on rank 0 for writing a checkpoint. DDP: every rank holds it already. FSDP: gather the full
+    state dict (every rank must call this; only rank 0 gets the tensors) into a CPU copy.
+    The FSDP path is written for GPU clusters and was not run on this CPU-only machine."""
+    if strategy != "fsdp":
+        return model
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from model.infimm import InfiMMHD
+
+    with FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT, FullStateDictConfig(True, True)):
+        state = module.state_dict()
+    if not state:  # not rank 0
+        return None
+    copy = InfiMMHD(model.config)
+    copy.load_state_dict({k.removeprefix("inner."): v for k, v in state.items()}, strict=True)
+    return copy
+
+
 def run_stage(
     run: RunSpec,
     manifests: list[str],
@@ -201,6 +222,7 @@ def run_stage(
     from .data import build_dataset
 
     output = Path(output)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the trainer reports progress; keep logs readable
     ds = build_dataset(manifests, run.init, run.init, run.spec, run.seed)
     storage = storage or str(output.parent / ".ray-train")
     name = run_name or f"{output.name}-stage{run.spec.stage}"
@@ -229,5 +251,4 @@ def run_stage(
                 shutil.copytree(src, output / name_, dirs_exist_ok=True)
             elif src.exists():
                 shutil.copy2(src, output / name_)
-    _ = ray  # imported for its side effect of failing early when the [ray] extra is missing
     return dict(result.metrics or {})

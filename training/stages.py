@@ -78,11 +78,11 @@ FULL[4] = FULL[4].replace(max_text_len=1024)
 # nothing here starts pretrained (the trial behind issue 14 found 3e-3 with warm-up and cosine works at this size).
 TINY = {
     1: StageSpec(1, "PT", False, True, False, True, 112, False, 1, 300, 30, 8, 3e-3, 3e-4, *_PT),
-    2: StageSpec(2, "CPT", True, True, False, False, 224, False, 1, 400, 40, 8, 3e-3, 3e-4, *_REST),
+    2: StageSpec(2, "CPT", True, True, False, False, 224, False, 1, 100, 10, 8, 3e-3, 3e-4, *_REST),
     3: StageSpec(
-        3, "DRA", True, True, False, False, 224, True, 4, 300, 30, 8, 2e-3, 2e-4, *_REST, grad_checkpointing=True
+        3, "DRA", True, True, False, False, 224, True, 4, 100, 10, 8, 2e-3, 2e-4, *_REST, grad_checkpointing=True
     ),
-    4: StageSpec(4, "IFT", False, True, True, False, 224, True, 4, 1600, 100, 8, 3e-3, 1e-4, *_REST),
+    4: StageSpec(4, "IFT", False, True, True, False, 224, True, 4, 1100, 100, 8, 3e-3, 1e-4, *_REST),
 }
 PRESETS = {"full": FULL, "tiny": TINY}
 
