@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         tmp = tempfile.TemporaryDirectory()
         a.heldout = generate(tmp.name, CorpusConfig(n=a.n, seed=12345, kinds=("word",), layout="fixed", jitter=4))
     rows = [json.loads(line) for line in a.heldout.read_text().splitlines() if line.strip()]
-    result = {"checkpoint": str(a.checkpoint), "heldout": str(a.heldout), "pages": len(rows)}
+    heldout = str(a.heldout) if tmp is None else f"generated: {a.n} pages, seed 12345, word, fixed layout, jitter 4"
+    result = {"checkpoint": str(a.checkpoint), "heldout": heldout, "pages": len(rows)}
     result["engine"], texts = eval_engine(a.checkpoint, rows, a.heldout.parent, a.max_new_tokens)
     print(f"engine:    CER {result['engine']['cer']:.3f}  exact {result['engine']['exact_match']:.3f}", flush=True)
     if not a.skip_batch:

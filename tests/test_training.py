@@ -225,3 +225,33 @@ def test_batch_job_reads_held_out_pages_with_the_demo_reader(ray_session, tmp_pa
         assert text == alone, f"batch row {text!r} differs from the engine's answer {alone!r} for {row['uri']}"
         right += text.strip() == row["answer"]
     assert right >= MIN_HELDOUT_RIGHT, f"read {right} of {len(rows)} held-out pages exactly"
+
+
+def test_train_cli_refuses_a_missing_start_checkpoint_and_submits_the_same_command(tmp_path):
+    import subprocess
+    import sys
+
+    from training.cli import submit_argv
+
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "train",
+            "--stage",
+            "2",
+            "--from",
+            str(tmp_path / "nope"),
+            "--data",
+            "m.jsonl",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and "no config.json" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    argv = ["train", "--stage", "4", "--submit", "http://h:8265", "--env", "A=1", "--from", "s3://b/c", "--env=B"]
+    assert submit_argv(argv) == ["train", "--stage", "4", "--from", "s3://b/c"], "only the local flags are dropped"

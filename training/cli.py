@@ -48,8 +48,47 @@ def add_commands(sub) -> None:
     p.add_argument("--max-failures", type=int, default=2, help="worker failures survived (Ray Train FailureConfig)")
     p.add_argument("--storage", help="Ray Train storage path (local or s3://); default: next to --output")
     p.add_argument("--run-name", help="Ray Train run name; rerunning with the same name and storage resumes")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    p.add_argument("--address", default=None, help="Ray cluster address to drive from here (default: a local Ray)")
+    p.add_argument(
+        "--submit",
+        metavar="DASHBOARD",
+        help="instead: submit this same command as a Ray job (e.g. http://HEAD:8265), like `batch submit`; "
+        "paths are then read on the cluster (use s3:// or shared storage); follow it with `batch status|logs`",
+    )
+    p.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]", help="with --submit: job env var")
     p.set_defaults(func=cmd_train)
+
+
+def submit_argv(argv: list[str]) -> list[str]:
+    """The train command line without the flags that only mean something here (--submit, --env)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--submit", "--env"):
+            skip = True
+            continue
+        if a.startswith(("--submit=", "--env=")):
+            continue
+        out.append(a)
+    return out
+
+
+def cmd_submit(args) -> int:
+    import shlex
+
+    from pipelines import submit
+
+    argv = submit_argv(sys.argv[1:])
+    entrypoint = "python -m cli " + " ".join(shlex.quote(a) for a in argv)
+    job_id = submit.client(args.submit).submit_job(
+        entrypoint=entrypoint,
+        runtime_env=submit.runtime_env(submit.parse_env(args.env)),
+        metadata={"app": "infimm-hd-train"},
+    )
+    print(job_id)
+    return 0
 
 
 def fresh_checkpoint(kind: str, folder: Path, image_size: int, seed: int, gate: float) -> Path:
@@ -72,6 +111,8 @@ def fresh_checkpoint(kind: str, folder: Path, image_size: int, seed: int, gate: 
 
 
 def cmd_train(args) -> int:
+    if args.submit:
+        return cmd_submit(args)
     from .loop import RunSpec, run_stage
     from .stages import stage_spec
 
