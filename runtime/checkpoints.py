@@ -45,15 +45,15 @@ DEMO_PROMPT = "What word is printed on this page?"
 DEMO_MIN_EXACT = 0.5
 
 
-def demo_eval(folder: Path = DEMO_CHECKPOINT) -> dict:
+def demo_eval(folder: Path | None = None) -> dict:
     """The demo reader's measured figures through the batch job ({} when it has not been measured)."""
     import json
 
-    file = folder / "eval.json"
+    file = (folder or DEMO_CHECKPOINT) / "eval.json"
     return json.loads(file.read_text()).get("batch_job") or {} if file.exists() else {}
 
 
-def demo_banner(folder: Path = DEMO_CHECKPOINT) -> str:
+def demo_banner(folder: Path | None = None) -> str:
     e = demo_eval(folder)
     facts = f" (held-out: CER {e['cer']:.2f}, exact match {e['exact_match']:.2f})" if e else ""
     return (

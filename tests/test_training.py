@@ -255,3 +255,16 @@ def test_train_cli_refuses_a_missing_start_checkpoint_and_submits_the_same_comma
     assert p.returncode == 2 and "no config.json" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     argv = ["train", "--stage", "4", "--submit", "http://h:8265", "--env", "A=1", "--from", "s3://b/c", "--env=B"]
     assert submit_argv(argv) == ["train", "--stage", "4", "--from", "s3://b/c"], "only the local flags are dropped"
+
+
+def test_demo_reader_becomes_the_default_only_once_it_reads(tmp_path, monkeypatch):
+    import runtime.checkpoints as rc
+
+    monkeypatch.setattr(rc, "DEMO_CHECKPOINT", tmp_path)
+    assert rc.demo_checkpoint() is None, "no checkpoint there"
+    (tmp_path / "config.json").write_text("{}")
+    assert rc.demo_checkpoint() is None, "not measured: not the default"
+    for exact, default in ((0.02, False), (0.85, True)):
+        (tmp_path / "eval.json").write_text(json.dumps({"batch_job": {"cer": 0.1, "exact_match": exact}}))
+        assert (rc.demo_checkpoint() == tmp_path) is default, f"exact match {exact}"
+    assert "DEMO READER" in rc.demo_banner(tmp_path) and "exact match 0.85" in rc.demo_banner(tmp_path), "banner"
