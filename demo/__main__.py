@@ -3,9 +3,10 @@
 Starts SeaweedFS (a local S3) on 127.0.0.1, writes generated pages into a bucket (PNG and JPEG pages, a 3-page PDF,
 a 2-page TIFF, one corrupt file, and three synthetic one-word pages of the demo reader's task) plus a manifest giving
 each document its question, runs `infimm-hd batch run` on the manifest, prints the results table and the summary, and
-stops the server. The model is the demo reader (checkpoints/demo-reader/: a tiny model trained by this repository's
-recipe on synthetic pages, NOT InfiMM-HD's weights): it reads the word pages; on the other documents, which are
-outside what it was trained on, it guesses. `--random` uses a tiny RANDOM-weight checkpoint instead (noise).
+stops the server. The model is the default checkpoint (runtime/checkpoints.py): the demo reader
+(checkpoints/demo-reader/, a tiny model trained by this repository's recipe on synthetic pages, NOT InfiMM-HD's
+weights) once it measurably reads, else a tiny RANDOM-weight checkpoint (noise); `--random` forces the latter. The word
+pages table shows what is printed on each word page and what the model read.
 """
 
 from __future__ import annotations
