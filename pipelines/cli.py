@@ -4,6 +4,15 @@
     infimm-hd batch submit --address http://HEAD:8265 [--env AWS_ACCESS_KEY_ID ...] [--wait] <the run flags>
     infimm-hd batch status|logs|stop JOB_ID --address http://HEAD:8265
 
+Exit codes (`batch run`, and `batch submit --wait` passes the job's own on):
+    0  done: every listed document has its rows
+    1  the job failed (an unexpected error: see its log)
+    2  refused before any work: bad flags or inputs, an output path that is a file, a missing single --input, a
+       pool the cluster can never place
+    3  storage stayed unavailable past --io-retry-seconds: the documents (or rows) it kept from us are not in the
+       output; the log says how many; rerun the same command to do exactly those
+    4  `submit --wait --timeout`: the timeout passed; the job goes on (or was stopped: --stop-on-timeout)
+
 Registered by cli/main.py through `add_commands(subparsers)`.
 """
 
@@ -81,12 +90,30 @@ RUN_OPTIONS: list[tuple[str, dict]] = [
         ),
     ),
     ("--cpus-per-actor", dict(type=float, default=1.0)),
+    ("--decode-cpus", dict(type=float, default=1.0, help="CPUs reserved per decode task")),
+    (
+        "--wait-for-resources",
+        dict(
+            action="store_true",
+            help="an autoscaling cluster: wait for nodes when the engine pool does not fit now (default: refuse)",
+        ),
+    ),
     ("--batch-size", dict(type=int, default=16, help="pages per engine call (they share GPU steps)")),
     ("--max-slots", dict(type=int, default=16, help="sequences the engine decodes together")),
     ("--no-resume", dict(action="store_true", help="delete the earlier parts in --output and start over")),
     ("--s3-endpoint", dict(metavar="URL", help="default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")),
     ("--s3-region", dict(help="default: AWS_REGION / AWS_DEFAULT_REGION")),
     ("--s3-anonymous", dict(action="store_true", help="unsigned requests (public buckets)")),
+    ("--io-retries", dict(type=int, default=5, help="attempts per storage request (AWS SDK standard retries)")),
+    (
+        "--io-retry-seconds",
+        dict(
+            type=float,
+            default=120.0,
+            help="keep retrying a read, listing or write that fails transiently (server down, timeouts, 5xx, "
+            "throttling) for this long; then the document is left for a rerun (exit 3)",
+        ),
+    ),
     ("--rows-per-file", dict(type=int, default=5000)),
     ("--flush-seconds", dict(type=float, default=60.0, help="write a part at least this often")),
     ("--ray-progress", dict(action="store_true", help="also show Ray Data's per-stage progress bars")),
@@ -111,15 +138,15 @@ def run_argv(args: argparse.Namespace) -> list[str]:
             value = prompts_of(args) or None
         if value is None or value is False or (value == defaults[flag] and flag not in ("--input", "--prompt")):
             continue
+        # FLAG=VALUE: a value starting with '-' (an S3 key like `-scan.png`) must not read as a flag
         if kw.get("action") == "store_true":
             argv.append(flag)
         elif kw.get("action") == "append" or flag == "--prompt":
-            for v in value:
-                argv += [flag, v]
+            argv += [f"{flag}={v}" for v in value]
         elif flag == "--actors":
-            argv += [flag, f"{value[0]},{value[1]}"]
+            argv.append(f"{flag}={value[0]},{value[1]}")
         else:
-            argv += [flag, str(value)]
+            argv.append(f"{flag}={value}")
     return argv
 
 
@@ -152,30 +179,56 @@ def job_config(args: argparse.Namespace):
         actors=tuple(args.actors),
         gpus_per_actor=args.gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
+        decode_cpus=args.decode_cpus,
+        wait_for_resources=args.wait_for_resources,
         batch_size=args.batch_size,
         max_slots=args.max_slots,
         resume=not args.no_resume,
         rows_per_file=args.rows_per_file,
         flush_seconds=args.flush_seconds,
-        s3=S3Settings.from_env(endpoint=args.s3_endpoint, region=args.s3_region, anonymous=args.s3_anonymous),
+        s3=S3Settings.from_env(
+            endpoint=args.s3_endpoint,
+            region=args.s3_region,
+            anonymous=args.s3_anonymous,
+            retries=args.io_retries,
+            retry_seconds=args.io_retry_seconds,
+        ),
         ray_progress=args.ray_progress,
     )
 
 
 # ---- commands --------------------------------------------------------------------------------------------------------
+EXIT_STORAGE = 3
+EXIT_TIMEOUT = 4
+
+
 def cmd_run(args) -> int:
-    from .job import run_job
+    from .job import JobIncomplete, run_job
+    from .storage import StorageUnavailable
     from .summary import format_summary
 
     if not (args.ray_address or os.environ.get("RAY_ADDRESS")):
         prepare_local_env()  # a private local Ray will be started: keep it on loopback (before Ray is imported)
-    # ValueError for bad flags or inputs (checked before Ray starts): cli.main prints it as one line, exit 2
-    summary = run_job(job_config(args), progress=not args.no_progress, ray_address=args.ray_address)
+    # ValueError for bad flags, inputs or a cluster too small (checked before anything is written): cli.main prints
+    # it as one line, exit 2
+    try:
+        summary = run_job(job_config(args), progress=not args.no_progress, ray_address=args.ray_address)
+    except (StorageUnavailable, JobIncomplete) as e:
+        print(f"infimm-hd: storage unavailable: {e}", file=sys.stderr)
+        return EXIT_STORAGE
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(format_summary(summary))
         print(f"summary     {summary['output'].rstrip('/')}/_summary.json, _summary.png")
+    left = summary["run"].get("documents_unavailable", 0)
+    if left:
+        print(
+            f"infimm-hd: {left} documents could not be read (storage unavailable past --io-retry-seconds) and are not "
+            "in the output: rerun the same command to do them",
+            file=sys.stderr,
+        )
+        return EXIT_STORAGE
     return 0
 
 
@@ -188,10 +241,21 @@ def cmd_submit(args) -> int:
     if not args.wait:
         print(f"follow it with: infimm-hd batch logs {job_id} --address {args.address} --follow", file=sys.stderr)
         return 0
-    status = submit.wait(args.address, job_id, timeout_s=args.timeout)
+    try:
+        status = submit.wait(args.address, job_id, timeout_s=args.timeout)
+    except TimeoutError as e:
+        if args.stop_on_timeout:
+            submit.stop(args.address, job_id)
+            print(f"{e}: stopped it (--stop-on-timeout)", file=sys.stderr)
+        else:
+            print(f"{e}: it goes on; infimm-hd batch stop {job_id} --address {args.address} stops it", file=sys.stderr)
+        return EXIT_TIMEOUT
     sys.stdout.write(submit.logs(args.address, job_id))
     print(f"job {job_id}: {status}", file=sys.stderr)
-    return 0 if status == "SUCCEEDED" else 1
+    if status == "SUCCEEDED":
+        return 0
+    code = submit.status(args.address, job_id).get("driver_exit_code")
+    return code if code in (2, EXIT_STORAGE) else 1  # the job's own verdict when it has one
 
 
 def cmd_status(args) -> int:
@@ -252,7 +316,13 @@ def add_commands(subparsers) -> None:
     )
     p.add_argument("--submission-id", help="job id to use (default: generated)")
     p.add_argument("--wait", action="store_true", help="wait for the job to finish, print its logs, exit 0 on success")
-    p.add_argument("--timeout", type=float, default=None, help="with --wait: give up after this many seconds")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        help="with --wait: stop waiting after this many seconds (exit 4; the job goes on)",
+    )
+    p.add_argument("--stop-on-timeout", action="store_true", help="with --wait --timeout: stop the job at the timeout")
     p.set_defaults(func=cmd_submit)
 
     for name, func, text in (

@@ -31,7 +31,7 @@ from PIL import Image
 from model.windows import ImageError, WindowConfig, cut_views, load_image, open_image
 
 from .rows import DECODED_SCHEMA, error_fields, prompt_key
-from .storage import SINGLE_PAGE_SUFFIXES, Storage, TooLarge, suffix
+from .storage import SINGLE_PAGE_SUFFIXES, Storage, StorageUnavailable, TooLarge, suffix
 
 log = logging.getLogger(__name__)
 
@@ -283,8 +283,9 @@ class DecodePages:
                         yield error(i, kind, message, ps)
                 return
             # A prompt with any page of this document already written is finished for it (the object may have been
-            # deleted or replaced since): a page-0 row now would answer it twice.
-            answered = {k.rsplit(":", 1)[1] for k in done}
+            # deleted or replaced since): a page-0 row now would answer it twice. A storage outage is no answer at
+            # all: the driver counts the marker row and never writes it, whatever is done already.
+            answered = set() if kind == "storage_unavailable" else {k.rsplit(":", 1)[1] for k in done}
             ps = [p for p in prompts if prompt_key(p) not in answered]
             if ps:
                 yield error(0, kind, message, ps)
@@ -330,6 +331,8 @@ def classify(e: BaseException) -> tuple[str, str]:
         return e.kind, str(e)
     if isinstance(e, TooLarge):
         return "too_large", str(e)
+    if isinstance(e, StorageUnavailable):
+        return "storage_unavailable", str(e)
     if isinstance(e, FileNotFoundError):
         return "not_found", f"the object does not exist: {e}"
     if isinstance(e, OSError):

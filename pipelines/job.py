@@ -29,21 +29,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from runtime.local_ray import prepare_local_env
 
 from .documents import DecodeConfig, DecodePages, SplitDocuments
 from .generate import GenerateConfig, GenerateStage
 from .output import PartWriter, output_parts, read_done_ids, record_settings
-from .plan import group_sources, plan_sources
+from .plan import document_prompts, plan_documents
 from .progress import Progress
-from .storage import S3Settings, Storage, list_sources
+from .storage import S3Settings, Storage, StorageUnavailable, list_sources
 
 log = logging.getLogger(__name__)
 
-SOURCE_SCHEMA = pa.schema(
-    [("uri", pa.string()), ("doc", pa.string()), ("prompts", pa.list_(pa.string())), ("done", pa.list_(pa.string()))]
-)
 # settings that change what a row contains: a resumed run with other values mixes two kinds of rows
 RESULT_SETTINGS = ("checkpoint", "max_new_tokens", "max_windows", "dpi")
 
@@ -77,6 +75,8 @@ class JobConfig:
     s3: S3Settings = field(default_factory=S3Settings)
     torch_threads: int | None = None  # CPU engine threads per actor (default: cpus_per_actor)
     ray_progress: bool = False  # Ray Data's own per-operator progress bars
+    # A pool the cluster cannot place is refused up front; with this, waited for (an autoscaling cluster adds nodes).
+    wait_for_resources: bool = False
 
     def __post_init__(self):
         lo, hi = self.actors
@@ -105,41 +105,71 @@ def ensure_ray(address: str | None = None) -> None:
         ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": prepare_local_env()})
 
 
+class JobIncomplete(RuntimeError):
+    """Finished rows could not be written: storage stayed down past the retry budget (the CLI exits 3)."""
+
+
 def resolve_resources(config: JobConfig) -> JobConfig:
-    """Fill in what depends on the cluster: GPUs per actor (when not given), CPU threads. A pool bigger than the
-    cluster is only a warning: an autoscaling cluster (KubeRay scales its GPU group from 0) adds nodes on demand."""
+    """Fill in what depends on the cluster (GPUs per actor when not given, CPU threads) and refuse a pool that can
+    never be placed on it (ValueError, with the numbers), unless `wait_for_resources` (an autoscaling cluster, e.g.
+    KubeRay scaling its GPU group from 0, adds nodes on demand): then only a warning."""
     import ray
 
-    res = ray.cluster_resources()
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     gpus = config.gpus_per_actor
     if gpus is None:  # what the cluster has right now; autoscaling clusters should pass --gpus-per-actor
-        gpus = 1.0 if res.get("GPU", 0) > 0 else 0.0
-        log.info("--gpus-per-actor not given: %s (the cluster has %s GPUs now)", gpus, res.get("GPU", 0))
-    lo = config.actors[0]
-    if gpus > 0 and res.get("GPU", 0) < gpus * lo:
-        log.warning(
-            "%d engine actor(s) x %s GPUs need %s GPUs; the cluster has %s now: waiting for the autoscaler",
-            lo,
-            gpus,
-            gpus * lo,
-            res.get("GPU", 0),
-        )
-    need = config.cpus_per_actor * lo + config.decode_cpus
-    if res.get("CPU", 0) < need:
-        log.warning(
-            "%d engine actor(s) x %s CPUs + %s CPUs for decoding need %s CPUs; the cluster has %s now: the job "
-            "waits for more (or lower --actors MIN / --cpus-per-actor)",
-            lo,
-            config.cpus_per_actor,
-            config.decode_cpus,
-            need,
-            res.get("CPU", 0),
-        )
+        have = sum(n.get("GPU", 0) for n in nodes)
+        gpus = 1.0 if have > 0 else 0.0
+        log.info("--gpus-per-actor not given: %s (the cluster has %s GPUs now)", gpus, have)
+    config = replace(config, gpus_per_actor=gpus)
+    problem = placement_problem(config, nodes)
+    if problem and not config.wait_for_resources:
+        raise ValueError(f"{problem}; lower --actors MIN, --cpus-per-actor or --decode-cpus, or --wait-for-resources")
+    if problem:
+        log.warning("%s: waiting for the cluster to grow (--wait-for-resources)", problem)
     threads = config.torch_threads or (max(1, int(config.cpus_per_actor)) if gpus == 0 else None)
-    return replace(config, gpus_per_actor=gpus, torch_threads=threads)
+    return replace(config, torch_threads=threads)
 
 
-def build_dataset(records: list[dict], config: JobConfig, storage: Storage, generate: GenerateConfig):
+def placement_problem(config: JobConfig, nodes: list[dict]) -> str | None:
+    """None when the engine pool's MIN actors and then one split task (1 CPU) and one decode task fit on these nodes
+    (their total resources, first fit: one actor or task runs on one node), else what does not fit, with the numbers.
+    Ray Data starts the MIN actors before it decodes anything, so a job whose tasks have no room left waits forever."""
+    lo = config.actors[0]
+    actor = {"CPU": config.cpus_per_actor, "GPU": config.gpus_per_actor or 0.0}
+    decode = {"CPU": config.decode_cpus, "memory": float(config.decode_memory)}
+    free = [{k: float(n.get(k, 0)) for k in ("CPU", "GPU", "memory")} for n in nodes]
+
+    def place(ask: dict) -> bool:
+        for node in free:
+            if all(node[k] >= v for k, v in ask.items()):
+                for k, v in ask.items():
+                    node[k] -= v
+                return True
+        return False
+
+    placed = 0
+    while placed < lo and place(actor):
+        placed += 1
+    after_actors = [dict(n) for n in free]
+    splits = placed == lo and place({"CPU": 1.0})  # the split task (Ray's default ask), short, before any decode
+    free[:] = after_actors
+    decodes = placed == lo and place(decode)
+    if splits and decodes:
+        return None
+    total = {k: sum(float(n.get(k, 0)) for n in nodes) for k in ("CPU", "GPU", "memory")}
+    need_cpu = lo * actor["CPU"] + decode["CPU"]
+    need_gpu = lo * actor["GPU"]
+    return (
+        f"the cluster cannot run this job: {lo} engine actor(s) x ({actor['CPU']:g} CPU, {actor['GPU']:g} GPU) + one "
+        f"decode task ({decode['CPU']:g} CPU, {decode['memory'] / 2**20:.0f} MiB) need {need_cpu:g} CPUs and "
+        f"{need_gpu:g} GPUs; its {len(nodes)} node(s) have {total['CPU']:g} CPUs, {total['GPU']:g} GPUs, "
+        f"{total['memory'] / 2**30:.1f} GiB (placed {placed} of {lo} actors"
+        + (")" if placed < lo else ", no room for a decode task)" if splits else ", no free CPU for the split task)")
+    )
+
+
+def build_dataset(records: pa.Table, config: JobConfig, storage: Storage, generate: GenerateConfig):
     from ray.data import ActorPoolStrategy, DataContext
 
     ctx = DataContext.get_current()
@@ -156,11 +186,11 @@ def build_dataset(records: list[dict], config: JobConfig, storage: Storage, gene
     )
 
 
-def decoded_pages(records: list[dict], config: JobConfig, storage: Storage):
+def decoded_pages(records: pa.Table, config: JobConfig, storage: Storage):
     """Sources -> split into decode tasks -> one block per task -> decoded pages (the Dataset before the engine)."""
     import ray
 
-    table = pa.Table.from_pylist(records, schema=SOURCE_SCHEMA)
+    table = records  # SOURCE_SCHEMA, from plan_job
     # Many small input blocks: documents spread over split tasks instead of queueing behind one.
     per_block = max(1, -(-len(records) // 1000))
     blocks = [table.slice(i, per_block) for i in range(0, len(records), per_block)] or [table]
@@ -203,6 +233,65 @@ def _windows(config: JobConfig):
     return checkpoint_windows(config.checkpoint, WindowConfig(max_windows=config.max_windows))
 
 
+@dataclass
+class Plan:
+    """What the driver decided before any work: the documents left (SOURCE_SCHEMA records) and what is done."""
+
+    documents: int  # listed
+    rows_done: int  # ids already in the output
+    skipped: int  # documents complete, not even read
+    records: pa.Table  # decode-stage records, one per document left
+    seen: set[str]  # ids of the documents left already written: the writer must never write them again
+
+
+def plan_job(config: JobConfig, storage: Storage | None = None, sources=None) -> Plan:
+    """List the inputs, read the ids already written, and keep what is left; writes nothing. Raises ValueError for
+    what refuses the job and StorageUnavailable when storage stays down. `sources`: a SOURCES_SCHEMA table or Source
+    objects instead of listing `config.inputs`."""
+    storage = storage or Storage(config.s3)
+    retry = storage.retry
+    fs, out = storage.resolve(config.output)
+    out = out.rstrip("/")
+    if storage.is_s3(config.output) and "/" not in out:
+        raise ValueError(f"--output {config.output}: give a prefix inside the bucket, e.g. s3://bucket/results/")
+    if storage.kind(config.output) == "file":
+        raise ValueError(f"--output {config.output} is a file; give a folder (or an s3:// prefix)")
+    sources = list_sources(list(config.inputs), storage) if sources is None else sources
+    documents = document_prompts(sources, config.prompts)  # every check that can refuse the job, before any write
+    listed = pc.count_distinct(documents["doc"]).as_py()
+
+    # --no-resume deletes the earlier parts (prepare_output, once the job is accepted): nothing counts as done
+    done = read_done_ids(fs, out, retry) if config.resume else pa.chunked_array([], pa.string())
+    records, skipped, seen = plan_documents(documents, done)
+    log.info(
+        "%d documents listed; %d rows already in %s; %d documents complete, %d to process",
+        listed,
+        len(done),
+        config.output,
+        skipped,
+        records.num_rows,
+    )
+    return Plan(listed, len(done), skipped, records, seen)
+
+
+def prepare_output(config: JobConfig, storage: Storage) -> None:
+    """Once the job is accepted: create the output folder, delete the earlier parts (`--no-resume`), record the
+    settings in `_job.json`."""
+    retry = storage.retry
+    fs, out = storage.resolve(config.output)
+    out = out.rstrip("/")
+    if not storage.is_s3(config.output):
+        retry(f"creating {out}", fs.create_dir, out, recursive=True)  # (on S3 it would leave a 0-byte marker object)
+    if not config.resume:
+        old = output_parts(fs, out, retry)
+        if old:
+            log.warning("--no-resume: deleting %d earlier parts in %s", len(old), config.output)
+            for p in old:
+                retry(f"deleting {p}", fs.delete_file, p)
+    settings = {k: (str(v) if k == "checkpoint" else v) for k, v in asdict(config).items() if k in RESULT_SETTINGS}
+    record_settings(fs, out, settings, retry)
+
+
 def run_job(
     config: JobConfig,
     progress: bool = True,
@@ -223,36 +312,12 @@ def run_job(
     storage = Storage(config.s3)
     fs, out = storage.resolve(config.output)
     out = out.rstrip("/")
-    if storage.is_s3(config.output) and "/" not in out:
-        raise ValueError(f"--output {config.output}: give a prefix inside the bucket, e.g. s3://bucket/results/")
-    sources = list_sources(list(config.inputs), storage) if sources is None else sources
-    group_sources(sources, config.prompts)  # every check that can refuse the job, before anything is written
-
-    if not storage.is_s3(config.output):
-        fs.create_dir(out, recursive=True)  # (on S3 that would only leave a 0-byte marker object)
-    if not config.resume:
-        old = output_parts(fs, out)
-        if old:
-            log.warning("--no-resume: deleting %d earlier parts in %s", len(old), config.output)
-            for p in old:
-                fs.delete_file(p)
-    record_settings(
-        fs, out, {k: (str(v) if k == "checkpoint" else v) for k, v in asdict(config).items() if k in RESULT_SETTINGS}
-    )
-    done = read_done_ids(fs, out)
-    records, skipped_docs = plan_sources(sources, config.prompts, done)
-    log.info(
-        "%d documents listed; %d rows already in %s; %d documents complete, %d to process",
-        len(sources),
-        len(done),
-        config.output,
-        skipped_docs,
-        len(records),
-    )
-
-    if records:  # (nothing left to do needs no Ray)
+    plan = plan_job(config, storage, sources)
+    records = plan.records
+    if records.num_rows:  # (nothing left to do needs no Ray)
         ensure_ray(ray_address)
-        config = resolve_resources(config)
+        config = resolve_resources(config)  # may refuse the job: still nothing written
+    prepare_output(config, storage)
     generate = GenerateConfig(
         checkpoint=str(config.checkpoint),
         max_new_tokens=config.max_new_tokens,
@@ -261,28 +326,43 @@ def run_job(
         device="cpu" if config.gpus_per_actor == 0 else None,
         torch_threads=config.torch_threads,
     )
-    writer = PartWriter(fs, out, set(done), config.rows_per_file, config.flush_seconds)
+    writer = PartWriter(fs, out, plan.seen, config.rows_per_file, config.flush_seconds, storage.retry)
     bar = Progress(enabled=progress)
+    unavailable: set[str] = set()  # documents that storage would not give us: left for a rerun, never written
     t0 = time.monotonic()
     try:
-        if records:
+        if records.num_rows:
             ds = build_dataset(records, config, storage, generate)
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                batch = _drop_unavailable(batch, unavailable)
                 new = writer.add(batch)
                 bar.update(new)
                 if on_batch is not None:
                     on_batch(new)
+    except BaseException:
+        try:  # finished rows are worth keeping whatever stopped the loop (Ctrl-C included)
+            writer.flush(final=True)
+        except OSError:
+            log.exception("the last %d finished rows could not be written either", writer.buffered)
+        raise
+    else:
+        try:
+            writer.flush(final=True)
+        except StorageUnavailable as e:
+            raise JobIncomplete(
+                f"{writer.buffered} finished rows could not be written to {config.output} ({e}); the output is "
+                "consistent without them: rerun the same command to redo them"
+            ) from e
     finally:
-        writer.flush()  # finished rows are worth keeping whatever stopped the loop (Ctrl-C included)
         bar.close()
     seconds = time.monotonic() - t0
     run = {
         "run_id": writer.run_id,
         "started": started.isoformat(timespec="seconds"),
         "seconds": round(seconds, 3),
-        "documents_listed": len(sources),
-        "documents_skipped_complete": skipped_docs,
-        "rows_already_done": len(done),
+        "documents_listed": plan.documents,
+        "documents_skipped_complete": plan.skipped,
+        "rows_already_done": plan.rows_done,
         "rows": bar.rows,
         "pages": bar.pages,
         "errors": bar.errors,
@@ -290,19 +370,41 @@ def run_job(
         "pages_per_s": round(bar.pages / seconds, 4) if seconds > 0 else 0.0,
         "tokens_per_s": round(bar.tokens / seconds, 4) if seconds > 0 else 0.0,
         "duplicates_dropped": writer.duplicates,
+        "documents_unavailable": len(unavailable),
+        "part_write_retries": writer.write_retries,
         "parts_written": len(writer.parts),
         "actors": list(config.actors),
         "gpus_per_actor": config.gpus_per_actor,
         "batch_size": config.batch_size,
         "timeline": bar.timeline,
     }
-    summary = summarize(
-        fs,
-        out,
-        config.output,
-        run,
-        model=Path(config.checkpoint).name,
-        random_weights=is_random_checkpoint(config.checkpoint),
-    )
-    write_summary(fs, out, summary)
+    if unavailable:
+        log.warning(
+            "%d documents could not be read (storage failing for over %.0fs each, --io-retry-seconds); they are not in "
+            "the output: rerun the same command to do them",
+            len(unavailable),
+            config.s3.retry_seconds,
+        )
+    try:
+        summary = summarize(
+            fs,
+            out,
+            config.output,
+            run,
+            model=Path(config.checkpoint).name,
+            random_weights=is_random_checkpoint(config.checkpoint),
+            retry=storage.retry,
+        )
+        write_summary(fs, out, summary, storage.retry)
+    except StorageUnavailable as e:
+        raise StorageUnavailable(f"every finished row is written, but the summary could not be: {e}") from e
     return summary
+
+
+def _drop_unavailable(batch: pa.Table, unavailable: set[str]) -> pa.Table:
+    """Rows of documents storage would not give us (after the retries) are no answer: count them, never write them."""
+    marked = pc.fill_null(pc.equal(batch["error_type"], "storage_unavailable"), False)
+    if not pc.any(marked).as_py():
+        return batch
+    unavailable.update(batch.filter(marked)["source_uri"].to_pylist())
+    return batch.filter(pc.invert(marked))

@@ -22,7 +22,9 @@ ERROR_TYPES = {
     "decode_error": "not a readable image, or its pixel data is corrupt/truncated",
     "too_large": "declared pixel count over the limit (decompression bomb guard) or object over the size limit",
     "not_found": "the object does not exist (e.g. deleted between listing and reading)",
-    "io_error": "the object could not be read (permissions, network, ...)",
+    "io_error": "the object could not be read for a reason retrying cannot fix (access denied, ...)",
+    # never in the output: the driver drops these rows, counts their documents and exits 3 (a rerun does them)
+    "storage_unavailable": "transient storage failures (server down, timeouts, 5xx, throttling) outlasted the retries",
     "pdf_error": "not a loadable PDF (corrupt, truncated) or a page failed to render",
     "pdf_encrypted": "the PDF needs a password",
     "empty_document": "the PDF has no pages",

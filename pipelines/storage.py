@@ -10,6 +10,12 @@ Inputs (`list_sources`), each expanded to one `Source` per document:
 S3 settings follow the standard AWS environment (`AWS_ENDPOINT_URL[_S3]`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
 `AWS_SESSION_TOKEN`, `AWS_REGION` / `AWS_DEFAULT_REGION`), overridable by flags. They are resolved once in the driver
 and travel (pickled) inside the stages, because Ray workers need not share the driver's environment.
+
+Storage faults: every request goes through the AWS SDK's standard retry strategy (`retries` attempts, for throttling,
+5xx and dropped connections), and every read, listing and write through `Retry`, which keeps retrying a transient
+failure (the server down, connections refused or timing out, 5xx, SlowDown) with exponential backoff and jitter for
+`retry_seconds` before it raises `StorageUnavailable`. Permanent failures (missing object, access denied) are raised
+at once. Keys are names, never URLs: `#`, `?`, `%`, `+`, spaces are characters of the key.
 """
 
 from __future__ import annotations
@@ -17,11 +23,18 @@ from __future__ import annotations
 import glob as globlib
 import logging
 import os
+import random
 import re
+import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import PurePosixPath
+from typing import TypeVar
 from urllib.parse import urlparse
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
@@ -31,6 +44,70 @@ DOCUMENT_SUFFIXES = IMAGE_SUFFIXES + (".pdf",)
 SINGLE_PAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")  # never more than one page (first frame)
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".parquet")
 _GLOB_CHARS = re.compile(r"[*?\[]")
+# What a listing, a manifest or `sources=` becomes: one row per (document, manifest prompt); compact for millions.
+SOURCES_SCHEMA = pa.schema([("uri", pa.string()), ("doc_id", pa.string()), ("prompt", pa.string())])
+T = TypeVar("T")
+
+
+# ---- transient vs permanent storage failures -------------------------------------------------------------------------
+class StorageUnavailable(OSError):
+    """A transient storage failure that outlasted the retry budget. Never a final answer for a document: the job
+    leaves it for a rerun (and exits non-zero)."""
+
+
+class TooLarge(OSError):
+    """An object over the per-document byte limit (not read into memory)."""
+
+
+# The AWS SDK's error names (as pyarrow reports them) and curl's codes for "could not resolve/connect", "timed out",
+# "empty reply", "send/receive failed"; S3-compatible servers answer 500/503 with these codes when busy or down.
+_TRANSIENT = re.compile(
+    r"NETWORK_CONNECTION|curlCode: (?:5|6|7|28|35|52|55|56)\b|SLOW_DOWN|SlowDown|THROTTL|Throttl|TooManyRequests|"
+    r"SERVICE_UNAVAILABLE|ServiceUnavailable|INTERNAL_FAILURE|InternalError|REQUEST_TIMEOUT|RequestTimeout|"
+    r"HTTP response code: 5\d\d|[Cc]onnection (?:reset|refused|aborted)|[Tt]imed? ?out|Broken pipe"
+)
+
+
+def is_transient(e: BaseException) -> bool:
+    """Worth retrying: the same request may well succeed in a moment."""
+    if isinstance(e, StorageUnavailable | ConnectionError | TimeoutError):
+        return True
+    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError | TooLarge):
+        return False
+    return isinstance(e, OSError) and bool(_TRANSIENT.search(str(e)))
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Retry transient failures for up to `seconds` (exponential backoff from `first_delay`, capped at `max_delay`,
+    full jitter), then raise StorageUnavailable. `seconds=0`: one attempt."""
+
+    seconds: float = 120.0
+    first_delay: float = 0.5
+    max_delay: float = 10.0
+
+    def __call__(self, what: str, fn: Callable[..., T], *args, on_retry: Callable | None = None, **kw) -> T:
+        deadline, delay, attempt = None, self.first_delay, 0
+        while True:
+            try:
+                return fn(*args, **kw)
+            except OSError as e:
+                if isinstance(e, StorageUnavailable) or not is_transient(e):
+                    raise
+                now = time.monotonic()
+                deadline = now + self.seconds if deadline is None else deadline
+                if now >= deadline:
+                    raise StorageUnavailable(
+                        f"{what}: storage still failing after {self.seconds:.0f}s of retries (--io-retry-seconds): {e}"
+                    ) from e
+                attempt += 1
+                (log.warning if attempt == 1 else log.debug)(
+                    "%s failed (%s); retrying for up to %.0fs", what, e, self.seconds
+                )
+                if on_retry is not None:
+                    on_retry(e)
+                time.sleep(min(deadline - now, random.uniform(0, delay)) + 0.01)
+                delay = min(delay * 2, self.max_delay)
 
 
 @dataclass(frozen=True)
@@ -41,10 +118,18 @@ class S3Settings:
     secret_key: str | None = field(default=None, repr=False)
     session_token: str | None = field(default=None, repr=False)
     anonymous: bool = False
+    retries: int = 5  # attempts per request inside the AWS SDK (its standard strategy: throttling, 5xx, connections)
+    retry_seconds: float = 120.0  # then our own retries of the whole read/listing/write, for outages of this long
 
     @classmethod
     def from_env(
-        cls, endpoint: str | None = None, region: str | None = None, anonymous: bool = False, env: dict | None = None
+        cls,
+        endpoint: str | None = None,
+        region: str | None = None,
+        anonymous: bool = False,
+        env: dict | None = None,
+        retries: int = 5,
+        retry_seconds: float = 120.0,
     ) -> S3Settings:
         env = os.environ if env is None else env
         return cls(
@@ -54,10 +139,25 @@ class S3Settings:
             secret_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
             session_token=env.get("AWS_SESSION_TOKEN") or None,
             anonymous=anonymous,
+            retries=retries,
+            retry_seconds=retry_seconds,
         )
 
+    def __post_init__(self):
+        if self.retries < 1 or self.retry_seconds < 0:
+            raise ValueError(
+                f"--io-retries must be >= 1 and --io-retry-seconds >= 0, got {self.retries}, {self.retry_seconds}"
+            )
+
+    @property
+    def retry(self) -> Retry:
+        return Retry(self.retry_seconds)
+
     def filesystem(self) -> pafs.S3FileSystem:
-        kw: dict = {"region": self.region or "us-east-1"}
+        kw: dict = {
+            "region": self.region or "us-east-1",
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=self.retries),
+        }
         if self.endpoint:
             u = urlparse(self.endpoint if "://" in self.endpoint else "https://" + self.endpoint)
             kw.update(endpoint_override=u.netloc, scheme=u.scheme or "https")
@@ -70,15 +170,12 @@ class S3Settings:
         return pafs.S3FileSystem(**kw)
 
 
-class TooLarge(OSError):
-    """An object over the per-document byte limit (not read into memory)."""
-
-
 class Storage:
     """Resolves URIs to (filesystem, path) and reads whole objects. Picklable; holds no open connections."""
 
     def __init__(self, s3: S3Settings = S3Settings()):
         self.s3 = s3
+        self.retry = s3.retry
         self._s3fs: pafs.S3FileSystem | None = None
         self._local = pafs.LocalFileSystem()
 
@@ -100,10 +197,15 @@ class Storage:
         return self._local, os.path.abspath(os.path.expanduser(uri))
 
     def read(self, uri: str, max_bytes: int | None = None) -> bytes:
-        """The whole object. FileNotFoundError when it is missing, OSError for other I/O failures."""
+        """The whole object. FileNotFoundError when it is missing, StorageUnavailable when transient failures outlast
+        the retry budget, OSError for other (permanent) I/O failures."""
         fs, path = self.resolve(uri)
-        with fs.open_input_stream(path) as f:
-            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+
+        def read() -> bytes:
+            with fs.open_input_stream(path) as f:
+                return f.read() if max_bytes is None else f.read(max_bytes + 1)
+
+        data = self.retry(f"reading {uri}", read)
         if max_bytes is not None and len(data) > max_bytes:
             raise TooLarge(f"the object is over the {max_bytes / 2**20:.0f} MiB limit on one document")
         return data
@@ -114,8 +216,9 @@ class Storage:
     def list_files(self, uri: str) -> list[str]:
         """Every file below a folder/prefix (recursive), as URIs in the same form, sorted."""
         fs, path = self.resolve(uri)
+        selector = pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True)
         try:
-            infos = fs.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=True, allow_not_found=True))
+            infos = self.retry(f"listing {uri}", fs.get_file_info, selector)
         except FileNotFoundError:
             return []
         files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
@@ -124,7 +227,7 @@ class Storage:
     def kind(self, uri: str) -> str:
         """'file', 'dir' or 'missing'."""
         fs, path = self.resolve(uri)
-        t = fs.get_file_info(path.rstrip("/") if self.is_s3(uri) else path).type
+        t = self.retry(f"looking up {uri}", fs.get_file_info, path.rstrip("/") if self.is_s3(uri) else path).type
         return {pafs.FileType.File: "file", pafs.FileType.Directory: "dir"}.get(t, "missing")
 
 
@@ -138,37 +241,75 @@ class Source:
     prompt: str | None = None  # per-document prompt from a manifest; None = the job's prompts
 
 
+def sources_table(sources) -> pa.Table:
+    """A SOURCES_SCHEMA table from a table (returned as is) or from Source objects (tests, library callers)."""
+    if isinstance(sources, pa.Table):
+        return sources
+    return pa.table(
+        {k: pa.array([getattr(s, k) for s in sources], pa.string()) for k in SOURCES_SCHEMA.names}, SOURCES_SCHEMA
+    )
+
+
+def _uris_table(uris: list[str]) -> pa.Table:
+    n = len(uris)
+    return pa.table([pa.array(uris, pa.string()), pa.nulls(n, pa.string()), pa.nulls(n, pa.string())], SOURCES_SCHEMA)
+
+
 def suffix(uri: str) -> str:
-    return Path(urlparse(uri).path if "://" in uri else uri).suffix.lower()
+    """The lower-case extension of a local path or an s3:// key. A key is a name, not a URL: '#', '?', '%' in it are
+    characters (urlparse would cut the name at the first '#' or '?')."""
+    return PurePosixPath(uri[len("s3://") :] if uri.startswith("s3://") else uri).suffix.lower()
 
 
-def _hidden(uri: str) -> bool:
-    return any(part.startswith(".") for part in uri.replace("s3://", "", 1).split("/")[1:] if part)
+def _hidden(uri: str, base: str) -> bool:
+    """A file or folder below the listed `base` whose name starts with '.' (the base's own path may have such parts)."""
+    rel = uri[len(base) :] if uri.startswith(base) else uri
+    return any(part.startswith(".") for part in rel.split("/") if part)
 
 
-def list_sources(inputs: list[str], storage: Storage) -> list[Source]:
-    """Expand every --input into Sources, in a stable order. Raises ValueError for an input that matches nothing."""
-    sources: list[Source] = []
+def list_sources(inputs: list[str], storage: Storage) -> pa.Table:
+    """Expand every --input into one SOURCES_SCHEMA table, in a stable order. Raises ValueError for an input that
+    matches nothing or names a single file that does not exist."""
+    tables = []
     for spec in inputs:
-        found = _expand(spec, storage)
-        if not found:
+        found, skipped = _expand(spec, storage)
+        if not found.num_rows:
             raise ValueError(f"--input {spec} matches no documents ({', '.join(DOCUMENT_SUFFIXES)} or a manifest)")
-        log.info("input %s: %d documents", spec, len(found))
-        sources.extend(found)
-    return sources
+        extra = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+        log.info("input %s: %d documents%s", spec, found.num_rows, f" (skipped {extra})" if extra else "")
+        tables.append(found)
+    return pa.concat_tables(tables) if tables else SOURCES_SCHEMA.empty_table()
 
 
-def _expand(spec: str, storage: Storage) -> list[Source]:
-    if _GLOB_CHARS.search(spec):
-        return [Source(u) for u in _glob(spec, storage) if suffix(u) in DOCUMENT_SUFFIXES]
+def _expand(spec: str, storage: Storage) -> tuple[pa.Table, Counter]:
+    """(sources, files skipped by reason)."""
     kind = storage.kind(spec)
-    if kind == "file" or (kind == "missing" and not spec.endswith("/") and suffix(spec)):
+    # A name with glob characters that exists is that file: `scan[1].png`, `what?.png` are ordinary S3 keys.
+    if kind == "missing" and _GLOB_CHARS.search(spec):
+        return _keep_documents(_glob(spec, storage), base="")
+    if kind == "file":
         if suffix(spec) in MANIFEST_SUFFIXES:
-            return read_manifest(spec, storage)
-        return [Source(spec if storage.is_s3(spec) else os.path.abspath(spec))]  # a missing one becomes an error row
+            return read_manifest(spec, storage), Counter()
+        return _uris_table([spec if storage.is_s3(spec) else os.path.abspath(spec)]), Counter()
+    if kind == "missing" and not spec.endswith("/") and suffix(spec):
+        # a mistyped file name must not become a job with one not_found row
+        raise ValueError(f"--input {spec}: no such file or object")
     if kind == "dir" or storage.is_s3(spec):
-        return [Source(u) for u in storage.list_files(spec) if suffix(u) in DOCUMENT_SUFFIXES and not _hidden(u)]
-    return []
+        base = spec.rstrip("/") + "/" if storage.is_s3(spec) else os.path.abspath(spec).rstrip("/") + "/"
+        return _keep_documents(storage.list_files(spec), base=base, hidden=True)
+    return _uris_table([]), Counter()
+
+
+def _keep_documents(uris: list[str], base: str, hidden: bool = False) -> tuple[pa.Table, Counter]:
+    keep, skipped = [], Counter()
+    for u in uris:
+        if hidden and _hidden(u, base):
+            skipped["hidden"] += 1
+        elif suffix(u) not in DOCUMENT_SUFFIXES:
+            skipped["with another extension"] += 1
+        else:
+            keep.append(u)
+    return _uris_table(keep), skipped
 
 
 def _glob(pattern: str, storage: Storage) -> list[str]:
@@ -211,42 +352,69 @@ def glob_regex(pattern: str) -> re.Pattern:
     return re.compile("".join(out))
 
 
-def read_manifest(uri: str, storage: Storage) -> list[Source]:
-    """JSONL / CSV / Parquet with a `uri` column (required) and `prompt`, `id` (optional)."""
+_MANIFEST_BATCH = 65536  # rows turned into Python strings at a time (relative uris are resolved in Python)
+
+
+def read_manifest(uri: str, storage: Storage) -> pa.Table:
+    """JSONL / CSV / Parquet with a `uri` column (required) and `prompt`, `id` (optional), read in batches into a
+    SOURCES_SCHEMA table (a million rows stay a few tens of MB of Arrow strings)."""
+    return storage.retry(f"reading manifest {uri}", _read_manifest, uri, storage)
+
+
+def _manifest_batches(uri: str, fs: pafs.FileSystem, path: str):
     import pyarrow.csv as pacsv
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
-    fs, path = storage.resolve(uri)
     kind = suffix(uri)
     if kind == ".parquet":
-        table = pq.read_table(path, filesystem=fs)
-    else:
-        with fs.open_input_stream(path) as f:
-            reader = pajson.read_json if kind == ".jsonl" else pacsv.read_csv
-            # Strings stay strings: an id column of digits must not become integers (ids are compared as text).
+        with fs.open_input_file(path) as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            if "uri" not in names:
+                raise ValueError(f"manifest {uri} has no `uri` column (columns: {names})")
+            cols = [c for c in ("uri", "prompt", "id") if c in names]
+            yield from pf.iter_batches(batch_size=_MANIFEST_BATCH, columns=cols)
+        return
+    with fs.open_input_stream(path) as f:
+        if kind == ".jsonl":
+            reader = pajson.open_json(f)
+        else:  # strings stay strings: an id column of digits must not become integers (ids are compared as text)
             strings = pacsv.ConvertOptions(column_types={c: "string" for c in ("uri", "prompt", "id")})
-            table = reader(f, convert_options=strings) if kind == ".csv" else reader(f)
-    if "uri" not in table.column_names:
-        raise ValueError(f"manifest {uri} has no `uri` column (columns: {table.column_names})")
+            reader = pacsv.open_csv(f, convert_options=strings)
+        if "uri" not in reader.schema.names:
+            raise ValueError(f"manifest {uri} has no `uri` column (columns: {reader.schema.names})")
+        yield from reader
+
+
+def _column(batch: pa.RecordBatch, name: str) -> pa.Array:
+    if name not in batch.schema.names:
+        return pa.nulls(batch.num_rows, pa.string())
+    col = pc.utf8_trim_whitespace(batch.column(name).cast(pa.string())) if name == "uri" else batch.column(name)
+    col = col.cast(pa.string())
+    return pc.if_else(pc.equal(col, ""), pa.scalar(None, pa.string()), col)  # "" is no value
+
+
+def _read_manifest(uri: str, storage: Storage) -> pa.Table:
+    fs, path = storage.resolve(uri)
     base = uri[: uri.rfind("/") + 1] if storage.is_s3(uri) else os.path.dirname(os.path.abspath(uri))
-    out, skipped = [], 0
-    for row in table.select([c for c in ("uri", "prompt", "id") if c in table.column_names]).to_pylist():
-        u = str(row["uri"]).strip() if row.get("uri") is not None else ""
-        if not u:
-            skipped += 1
-            continue
-        if not storage.is_s3(u) and not os.path.isabs(os.path.expanduser(u)):
-            u = storage.join(base, u) if storage.is_s3(uri) else os.path.normpath(os.path.join(base, u))
-        prompt = row.get("prompt")
-        doc_id = row.get("id")
-        out.append(
-            Source(
-                u,
-                doc_id=None if doc_id in (None, "") else str(doc_id),
-                prompt=None if prompt in (None, "") else str(prompt),
-            )
-        )
+    chunks, skipped = [], 0
+    for batch in _manifest_batches(uri, fs, path):
+        table = pa.table([_column(batch, c) for c in ("uri", "id", "prompt")], SOURCES_SCHEMA)
+        keep = pc.is_valid(table["uri"])
+        skipped += table.num_rows - pc.sum(pc.cast(keep, pa.int64())).as_py() if table.num_rows else 0
+        table = table.filter(keep)
+        absolute = pc.or_(pc.starts_with(table["uri"], "s3://"), pc.match_substring_regex(table["uri"], r"^[/~]"))
+        relative = pc.invert(absolute)
+        if pc.any(relative).as_py():  # resolved against the manifest's folder, in Python (normpath)
+            rel = table["uri"].filter(relative).to_pylist()
+            if storage.is_s3(uri):
+                resolved = [storage.join(base, u) for u in rel]
+            else:
+                resolved = [os.path.normpath(os.path.join(base, u)) for u in rel]
+            uris = pc.replace_with_mask(table["uri"].combine_chunks(), relative.combine_chunks(), pa.array(resolved))
+            table = table.set_column(0, "uri", uris)
+        chunks.append(table)
     if skipped:
         log.warning("manifest %s: skipped %d rows without a uri", uri, skipped)
-    return out
+    return pa.concat_tables(chunks) if chunks else SOURCES_SCHEMA.empty_table()

@@ -119,6 +119,7 @@ def status(address: str, job_id: str) -> dict:
         "entrypoint": info.entrypoint,
         "start_time": info.start_time,
         "end_time": info.end_time,
+        "driver_exit_code": getattr(info, "driver_exit_code", None),
     }
 
 

@@ -9,68 +9,78 @@ from __future__ import annotations
 import io
 import json
 import logging
-from collections import Counter
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from .rows import OUTPUT_SCHEMA
+from .storage import Retry
 
 log = logging.getLogger(__name__)
 
 _COLUMNS = ["id", "source_uri", "page", "error_type", "prompt_tokens", "completion_tokens", "grid_rows", "grid_cols"]
+_EMPTY = pa.schema([OUTPUT_SCHEMA.field(c) for c in _COLUMNS]).empty_table()
 
 
 def summarize(
-    fs: pafs.FileSystem, path: str, output_uri: str, run: dict, model: str = "", random_weights: bool = False
+    fs: pafs.FileSystem,
+    path: str,
+    output_uri: str,
+    run: dict,
+    model: str = "",
+    random_weights: bool = False,
+    retry: Retry = Retry(),
 ) -> dict:
+    """Totals over every part, computed in Arrow (a million rows stay columns, not Python objects)."""
     from .output import output_parts
 
-    cols: dict[str, list] = {c: [] for c in _COLUMNS}
-    for part in output_parts(fs, path):
-        t = pq.read_table(part, columns=_COLUMNS, filesystem=fs).to_pydict()
-        for c in _COLUMNS:
-            cols[c] += t[c]
-    ids = cols["id"]
-    errors = Counter(e for e in cols["error_type"] if e)
-    pages = set(zip(cols["source_uri"], cols["page"], strict=True))
-    ok_pages = {
-        (u, p): r * c
-        for u, p, r, c, e in zip(
-            cols["source_uri"], cols["page"], cols["grid_rows"], cols["grid_cols"], cols["error_type"], strict=True
-        )
-        if not e
-    }
-    windows = Counter(ok_pages.values())
+    parts = [
+        retry(f"reading {part}", pq.read_table, part, columns=_COLUMNS, filesystem=fs)
+        for part in output_parts(fs, path, retry)
+    ]
+    t = pa.concat_tables(parts, promote_options="permissive") if parts else _EMPTY
+    errors = t["error_type"].drop_null().value_counts()
+    errors_by_type = {e.as_py(): c.as_py() for e, c in zip(errors.field("values"), errors.field("counts"), strict=True)}
+    pages = t.group_by(["source_uri", "page"]).aggregate([]).num_rows
+    ok = t.filter(pc.is_null(t["error_type"]))
+    ok = ok.append_column("windows", pc.multiply(ok["grid_rows"], ok["grid_cols"]))
+    per_page = ok.group_by(["source_uri", "page"]).aggregate([("windows", "max")])["windows_max"].drop_null()
+    hist = per_page.value_counts()
+    windows = {int(k.as_py()): c.as_py() for k, c in zip(hist.field("values"), hist.field("counts"), strict=True)}
+    n_error = sum(errors_by_type.values())
     return {
         "output": output_uri,
         "model": model,
         "random_weights": random_weights,
-        "rows": len(ids),
-        "unique_ids": len(set(ids)),
-        "documents": len(set(cols["source_uri"])),
-        "pages": len(pages),
-        "ok_rows": len(ids) - sum(errors.values()),
-        "error_rows": sum(errors.values()),
-        "errors_by_type": dict(sorted(errors.items())),
-        "prompt_tokens": sum(t or 0 for t in cols["prompt_tokens"]),
-        "completion_tokens": sum(t or 0 for t in cols["completion_tokens"]),
+        "rows": t.num_rows,
+        "unique_ids": pc.count_distinct(t["id"]).as_py(),
+        "documents": pc.count_distinct(t["source_uri"]).as_py(),
+        "pages": pages,
+        "ok_rows": t.num_rows - n_error,
+        "error_rows": n_error,
+        "errors_by_type": dict(sorted(errors_by_type.items())),
+        "prompt_tokens": pc.sum(t["prompt_tokens"]).as_py() or 0,
+        "completion_tokens": pc.sum(t["completion_tokens"]).as_py() or 0,
         "windows_per_page": {
-            "mean": round(sum(k * n for k, n in windows.items()) / max(1, len(ok_pages)), 3),
+            "mean": round(sum(k * n for k, n in windows.items()) / max(1, len(per_page)), 3),
             "histogram": {str(k): n for k, n in sorted(windows.items())},
         },
         "run": run,
     }
 
 
-def write_summary(fs: pafs.FileSystem, path: str, summary: dict) -> None:
-    with fs.open_output_stream(f"{path}/_summary.json") as f:
-        f.write(json.dumps(summary, indent=2).encode())
+def write_summary(fs: pafs.FileSystem, path: str, summary: dict, retry: Retry = Retry()) -> None:
+    from .output import write_bytes
+
+    write_bytes(fs, f"{path}/_summary.json", json.dumps(summary, indent=2).encode(), retry)
     try:
         png = plot(summary)
-    except Exception:  # a missing font or backend must not fail a finished job
+    except Exception:  # noqa: BLE001 - a missing font or backend must not fail a finished job
         log.exception("could not draw the summary plot")
         return
-    with fs.open_output_stream(f"{path}/_summary.png") as f:
-        f.write(png)
+    write_bytes(fs, f"{path}/_summary.png", png, retry)
 
 
 def plot(summary: dict) -> bytes:

@@ -112,21 +112,25 @@ def test_decode_stage_yields_bounded_blocks(tmp_path):
 
 
 # ---- listing and planning --------------------------------------------------------------------------------------------
+def uris_of(sources) -> list[str]:
+    return sources["uri"].to_pylist()
+
+
 def test_local_folders_globs_and_manifests(tmp_path):
     d = tmp_path / "docs"
     (d / "sub").mkdir(parents=True)
     for name in ("a.png", "sub/b.pdf", "sub/c.TIFF", "notes.txt", ".hidden.png"):
         (d / name).write_bytes(b"x")
-    assert [os.path.basename(s.uri) for s in list_sources([str(d)], Storage())] == ["a.png", "b.pdf", "c.TIFF"]
-    assert [os.path.basename(s.uri) for s in list_sources([str(d / "**" / "*.pdf")], Storage())] == ["b.pdf"]
+    assert [os.path.basename(u) for u in uris_of(list_sources([str(d)], Storage()))] == ["a.png", "b.pdf", "c.TIFF"]
+    assert [os.path.basename(u) for u in uris_of(list_sources([str(d / "**" / "*.pdf")], Storage()))] == ["b.pdf"]
 
     rows = [{"uri": "docs/a.png", "id": "doc-1", "prompt": "Title?"}, {"uri": str(d / "sub" / "b.pdf")}, {"uri": ""}]
     (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "m.csv").write_text("uri,id,prompt\ndocs/a.png,doc-1,Title?\n" + str(d / "sub" / "b.pdf") + ",,\n")
     pq.write_table(pa.Table.from_pylist(rows[:2]), tmp_path / "m.parquet")
     for name in ("m.jsonl", "m.csv", "m.parquet"):
-        got = list_sources([str(tmp_path / name)], Storage())
-        assert [(s.uri, s.doc_id, s.prompt) for s in got] == [
+        got = list_sources([str(tmp_path / name)], Storage()).to_pylist()
+        assert [(s["uri"], s["doc_id"], s["prompt"]) for s in got] == [
             (str(d / "a.png"), "doc-1", "Title?"),
             (str(d / "sub" / "b.pdf"), None, None),
         ], name
@@ -141,11 +145,13 @@ def test_local_folders_globs_and_manifests(tmp_path):
 def test_plan_merges_prompts_checks_ids_and_skips_finished_single_pages():
     a, b = Source("/x/a.png"), Source("/x/b.pdf")
     records, skipped = plan_sources([a, b, Source("/x/a.png", prompt="Extra?")], ("Q",), set())
-    assert skipped == 0 and [r["prompts"] for r in records] == [["Q", "Extra?"], ["Q"]]
+    assert skipped == 0 and [r["prompts"] for r in records.to_pylist()] == [["Q", "Extra?"], ["Q"]]
     done = {row_id(doc_key("/x/a.png"), 1, "Q"), row_id(doc_key("/x/b.pdf"), 1, "Q")}
     records, skipped = plan_sources([a, b], ("Q",), done)
     # a.png is complete and not read again; b.pdf may have more pages: it goes to the decode stage with its done list
-    assert skipped == 1 and [(r["uri"], r["done"]) for r in records] == [("/x/b.pdf", [f"1:{prompt_key('Q')}"])]
+    assert skipped == 1 and [(r["uri"], r["done"]) for r in records.to_pylist()] == [
+        ("/x/b.pdf", [f"1:{prompt_key('Q')}"])
+    ]
     with pytest.raises(ValueError, match="ids must be unique"):
         plan_sources([Source("/x/a.png", doc_id="7"), Source("/x/b.png", doc_id="7")], ("Q",), set())
     with pytest.raises(ValueError, match="no prompt"):
@@ -220,7 +226,7 @@ def test_writer_drops_repeated_ids_and_resume_reads_them_back(tmp_path):
     w.add(_rows(["b", "c", "old", "d"]))
     w.flush()
     assert w.duplicates == 2 and len(w.parts) == 1
-    assert read_done_ids(fs, path) == {"a", "b", "c", "d"}
+    assert sorted(read_done_ids(fs, path).to_pylist()) == ["a", "b", "c", "d"]
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
@@ -228,7 +234,7 @@ def test_an_unreadable_part_is_set_aside_not_counted(tmp_path):
     fs, path = Storage().resolve(str(tmp_path))
     pq.write_table(_rows(["a"]), tmp_path / "part-1.parquet")
     (tmp_path / "part-2.parquet").write_bytes(b"PAR1 torn write")
-    assert read_done_ids(fs, path) == {"a"}
+    assert read_done_ids(fs, path).to_pylist() == ["a"]
     assert os.listdir(tmp_path / "_incomplete") == ["part-2.parquet"]
 
 

@@ -1,0 +1,220 @@
+"""The batch job under storage faults, odd keys, small clusters and bad arguments: a real SeaweedFS stopped and
+restarted (same port, same data) while a real local Ray job reads or writes, S3 keys that look like URLs, and the CLI's
+exit codes and one-line messages."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+
+import pyarrow as pa
+import pytest
+
+from demo import samples
+from demo.seaweed import SeaweedFS
+from pipelines.job import JobConfig, placement_problem, run_job
+from pipelines.storage import Retry, S3Settings, Storage, StorageUnavailable, is_transient, list_sources, suffix
+
+from .pipeline_helpers import PROMPT, by_page, config, read_rows, write_files
+
+pytestmark = pytest.mark.timeout(600)
+
+ODD_NAMES = ["a#b.png", "what?.png", "100%.png", "1+1.png", "two words.png", "ünïcödé.png", "-dash.png", "scan[1].png"]
+
+
+@pytest.fixture()
+def flaky_s3(tmp_path):
+    """A SeaweedFS of this test's own, to stop and start again (the session's server stays up for the others)."""
+    server = SeaweedFS(tmp_path / "seaweedfs").start()
+    server.create_bucket("flaky")
+    yield server
+    server.stop()
+
+
+def s3_settings(server: SeaweedFS, retry_seconds: float) -> S3Settings:
+    return S3Settings.from_env(env=server.env(), retry_seconds=retry_seconds)
+
+
+def cli(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "cli", "batch", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def one_line_error(p: subprocess.CompletedProcess) -> str:
+    lines = [line for line in p.stderr.splitlines() if line.startswith("infimm-hd:")]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    return lines[0]
+
+
+# ---- storage faults --------------------------------------------------------------------------------------------------
+def test_retry_gives_up_on_transient_failures_only_after_the_budget_and_never_retries_permanent_ones(flaky_s3):
+    storage = Storage(s3_settings(flaky_s3, retry_seconds=1.5))
+    flaky_s3.client().put_object(Bucket="flaky", Key="x.png", Body=b"x")
+    with pytest.raises(FileNotFoundError):  # permanent: at once, no StorageUnavailable
+        storage.read("s3://flaky/missing.png")
+    flaky_s3.stop()
+    t0 = time.monotonic()
+    with pytest.raises(StorageUnavailable, match="--io-retry-seconds") as e:
+        storage.read("s3://flaky/x.png")
+    assert time.monotonic() - t0 >= 1.5, "gave up before the retry budget was spent"
+    assert is_transient(e.value.__cause__), e.value.__cause__  # pyarrow's own error for a refused connection
+
+    calls = []
+
+    def flaky():  # a 503 twice, then success: retried, not raised
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("AWS Error SERVICE_UNAVAILABLE during GetObject operation: HTTP response code: 503")
+        return "ok"
+
+    assert Retry(seconds=30, first_delay=0.01)("reading", flaky) == "ok" and len(calls) == 3
+    with pytest.raises(OSError, match="ACCESS_DENIED"):
+        Retry(seconds=30)("reading", lambda: (_ for _ in ()).throw(OSError("AWS Error ACCESS_DENIED during GetObject")))
+
+
+def test_s3_down_while_reading_leaves_documents_for_a_rerun_that_does_exactly_those(
+    tiny_checkpoint, ray_session, flaky_s3, tmp_path
+):
+    local = write_files(tmp_path / "local", {f"local-{i}.png": samples.png_page(i, (300, 400)) for i in range(2)})
+    client = flaky_s3.client()
+    remote = ["scan-1.png", "scan#2.png", "scan 3.png"]
+    for i, name in enumerate(remote):
+        client.put_object(Bucket="flaky", Key=f"in/{name}", Body=samples.png_page(10 + i, (300, 400)))
+    out = tmp_path / "out"
+    cfg = config(tiny_checkpoint, [local, "s3://flaky/in/"], out, s3=s3_settings(flaky_s3, retry_seconds=2))
+    sources = list_sources(list(cfg.inputs), Storage(cfg.s3))  # listed while S3 is up; read while it is down
+    assert sources.num_rows == 5
+
+    flaky_s3.stop()
+    summary = run_job(cfg, progress=False, sources=sources)
+    assert summary["run"]["documents_unavailable"] == 3
+    rows = by_page(read_rows(str(out)))
+    assert set(rows) == {(f"local-{i}.png", 1, PROMPT) for i in range(2)}  # no row at all for the unread ones
+    assert all(r["error_type"] is None for r in rows.values())
+
+    flaky_s3.start()  # same port, same data
+    again = run_job(cfg, progress=False)
+    assert again["run"]["documents_unavailable"] == 0 and again["run"]["rows"] == 3
+    rows = by_page(read_rows(str(out)))  # (asserts one row per page)
+    assert set(rows) == {(f"local-{i}.png", 1, PROMPT) for i in range(2)} | {(n, 1, PROMPT) for n in remote}
+    assert all(r["error_type"] is None and r["text"] is not None for r in rows.values())
+    assert again["error_rows"] == 0 and again["rows"] == again["unique_ids"] == 5
+
+
+def test_s3_down_during_a_part_upload_and_back_within_the_budget_loses_no_row(
+    tiny_checkpoint, ray_session, flaky_s3, tmp_path
+):
+    docs = write_files(tmp_path / "docs", {f"p{i}.png": samples.png_page(i, (300, 400)) for i in range(6)})
+    cfg = config(tiny_checkpoint, [docs], "s3://flaky/out/", s3=s3_settings(flaky_s3, retry_seconds=90))
+    outage: list[threading.Thread] = []
+
+    def stop_for_a_while(table: pa.Table) -> None:
+        if not outage:  # the first part is written; the next upload meets a stopped server
+            flaky_s3.stop()
+
+            def back():
+                time.sleep(3)
+                flaky_s3.start()
+
+            outage.append(threading.Thread(target=back, daemon=True))
+            outage[0].start()
+
+    summary = run_job(cfg, progress=False, on_batch=stop_for_a_while)
+    outage[0].join(timeout=120)
+    assert summary["run"]["part_write_retries"] >= 1, "no upload met the outage"
+    storage = Storage(cfg.s3)
+    rows = by_page(read_rows(cfg.output, storage))
+    assert set(rows) == {(f"p{i}.png", 1, PROMPT) for i in range(6)}
+    assert all(r["error_type"] is None for r in rows.values())
+    written = json.loads(flaky_s3.client().get_object(Bucket="flaky", Key="out/_summary.json")["Body"].read())
+    assert written["rows"] == written["unique_ids"] == 6 and written["run"]["part_write_retries"] >= 1
+
+
+def test_cli_exits_3_with_one_line_when_storage_stays_down_at_listing_or_resume(flaky_s3, tmp_path, tiny_checkpoint):
+    write_files(tmp_path / "in", {"p.png": samples.png_page(0, (200, 260))})
+    flaky_s3.stop()
+    common = ["--prompt", PROMPT, "--checkpoint", str(tiny_checkpoint), "--io-retry-seconds", "1", "--no-progress"]
+    p = cli("run", "--input", "s3://flaky/in/", "--output", str(tmp_path / "out"), *common, env=flaky_s3.env())
+    assert p.returncode == 3 and "storage" in one_line_error(p), p.stderr[-2000:]
+    p = cli("run", "--input", str(tmp_path / "in"), "--output", "s3://flaky/out/", *common, env=flaky_s3.env())
+    assert p.returncode == 3 and "s3://flaky/out/" in one_line_error(p), p.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+# ---- any key ---------------------------------------------------------------------------------------------------------
+def test_keys_that_look_like_urls_are_listed_globbed_and_read(tiny_checkpoint, ray_session, s3_server, caplog):
+    s3_server.create_bucket("odd-keys")
+    client = s3_server.client()
+    for i, name in enumerate(ODD_NAMES):
+        for prefix in ("listed", "globbed"):
+            client.put_object(Bucket="odd-keys", Key=f"{prefix}/{name}", Body=samples.png_page(i, (300, 400)))
+    client.put_object(Bucket="odd-keys", Key="listed/notes.txt", Body=b"not a page")
+    client.put_object(Bucket="odd-keys", Key="listed/.thumbs/x.png", Body=b"hidden")
+    client.put_object(Bucket="odd-keys", Key="single/#1 scan?.png", Body=samples.png_page(99, (300, 400)))
+    assert suffix("s3://b/a#b.png") == suffix("s3://b/what?.png") == ".png"
+
+    storage = Storage(S3Settings.from_env())
+    with caplog.at_level(logging.INFO, logger="pipelines.storage"):
+        listed = list_sources(["s3://odd-keys/listed/"], storage)["uri"].to_pylist()
+    assert sorted(listed) == sorted(f"s3://odd-keys/listed/{n}" for n in ODD_NAMES)
+    assert "skipped 1 hidden, 1 with another extension" in caplog.text
+    globbed = list_sources(["s3://odd-keys/globbed/*.png"], storage)["uri"].to_pylist()
+    assert sorted(globbed) == sorted(f"s3://odd-keys/globbed/{n}" for n in ODD_NAMES)
+    # a single object whose name has glob characters is that object, not a pattern
+    assert list_sources(["s3://odd-keys/globbed/scan[1].png"], storage)["uri"].to_pylist() == [
+        "s3://odd-keys/globbed/scan[1].png"
+    ]
+
+    inputs = ["s3://odd-keys/listed/", "s3://odd-keys/globbed/*.png", "s3://odd-keys/single/#1 scan?.png"]
+    summary = run_job(config(tiny_checkpoint, inputs, "s3://odd-keys/out/"), progress=False)
+    rows = read_rows("s3://odd-keys/out/")
+    got = sorted(r["source_uri"] for r in rows)
+    assert got == sorted(listed + globbed + ["s3://odd-keys/single/#1 scan?.png"])
+    assert summary["error_rows"] == 0 and all(r["text"] is not None for r in rows)
+
+
+# ---- clusters and arguments ------------------------------------------------------------------------------------------
+def test_placement_is_checked_against_the_nodes_with_the_numbers():
+    cfg = JobConfig(inputs=("x",), output="y", actors=(2, 4), cpus_per_actor=1.0, gpus_per_actor=0.0)
+    gib = float(2**30)
+    assert placement_problem(cfg, [{"CPU": 4.0, "memory": 8 * gib}]) is None
+    problem = placement_problem(cfg, [{"CPU": 2.0, "memory": 8 * gib}])
+    assert "2 engine actor(s)" in problem and "need 3 CPUs" in problem and "have 2 CPUs" in problem
+    # enough CPUs in total, but no single node has room for the one-GPU actor
+    gpu = replace(cfg, actors=(1, 1), gpus_per_actor=1.0)
+    assert "placed 0 of 1 actors" in placement_problem(gpu, [{"CPU": 8.0, "memory": 8 * gib}])
+    assert placement_problem(gpu, [{"CPU": 1.0, "memory": 8 * gib}, {"CPU": 2.0, "GPU": 1.0, "memory": gib}]) is None
+
+
+def test_cli_refuses_a_pool_the_cluster_cannot_place_and_bad_paths_with_one_line(
+    ray_session, tmp_path, tiny_checkpoint
+):
+    docs = write_files(tmp_path / "in", {"p.png": samples.png_page(0, (200, 260))})
+    (tmp_path / "taken").write_text("a file, not a folder")
+    gcs = ray_session.get_runtime_context().gcs_address
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    common = ["--prompt", PROMPT, "--checkpoint", str(tiny_checkpoint), "--gpus-per-actor", "0", "--no-progress"]
+
+    too_many = ["--actors", f"{cpus},{cpus}", "--ray-address", gcs]  # cpus actors + one decode task > cpus
+    p = cli("run", "--input", str(docs), "--output", str(tmp_path / "out"), *too_many, *common)
+    line = one_line_error(p)
+    assert p.returncode == 2 and "cannot run this job" in line and f"have {cpus} CPUs" in line, line
+    assert not (tmp_path / "out").exists(), "a refused job wrote its output folder"
+
+    p = cli("run", "--input", str(docs), "--output", str(tmp_path / "taken"), *common)
+    assert p.returncode == 2 and "is a file" in one_line_error(p)
+    p = cli("run", "--input", str(docs / "typo.png"), "--output", str(tmp_path / "out"), *common)
+    assert p.returncode == 2 and "no such file" in one_line_error(p)
+    assert not (tmp_path / "out").exists()
