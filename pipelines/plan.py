@@ -55,6 +55,7 @@ def document_prompts(sources, prompts: tuple[str, ...]) -> pa.Table:
                 }
             )
         )
+    parts = [t for t in parts if t.num_rows] or parts[:1]
     exploded = pa.concat_tables(parts)
     uris_per_doc = exploded.group_by("doc").aggregate([("uri", "count_distinct")])
     clash = uris_per_doc.filter(pc.greater(uris_per_doc["uri_count_distinct"], 1))
@@ -62,12 +63,15 @@ def document_prompts(sources, prompts: tuple[str, ...]) -> pa.Table:
         doc_id = clash["doc"][0].as_py()
         two = pc.unique(exploded.filter(pc.equal(exploded["doc"], doc_id))["uri"]).to_pylist()[:2]
         raise ValueError(f"manifest id {doc_id!r} names two documents: {two[0]} and {two[1]}; ids must be unique")
-    distinct = (
-        exploded.sort_by("order")
-        .group_by(["doc", "uri", "prompt"], use_threads=False)
-        .aggregate([("order", "min")])
-        .rename_columns({"order_min": "order"})
-    )
+    if len(parts) == 1 and uris_per_doc.num_rows == table.num_rows:
+        distinct = exploded  # the usual listing: every document once, one kind of prompt; already in order
+    else:  # a document listed twice, or with manifest and job prompts: each (document, prompt) once, first order
+        distinct = (
+            exploded.sort_by("order")
+            .group_by(["doc", "uri", "prompt"], use_threads=False)
+            .aggregate([("order", "min")])
+            .rename_columns({"order_min": "order"})
+        )
     # a job has a handful of distinct prompts: hash each once
     encoded = pc.dictionary_encode(distinct["prompt"]).combine_chunks()
     hashes = pa.array([prompt_key(p) for p in encoded.dictionary.to_pylist()], pa.string())

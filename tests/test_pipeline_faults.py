@@ -198,21 +198,39 @@ def test_placement_is_checked_against_the_nodes_with_the_numbers():
     assert placement_problem(gpu, [{"CPU": 1.0, "memory": 8 * gib}, {"CPU": 2.0, "GPU": 1.0, "memory": gib}]) is None
 
 
-def test_cli_refuses_a_pool_the_cluster_cannot_place_and_bad_paths_with_one_line(
-    ray_session, tmp_path, tiny_checkpoint
-):
-    docs = write_files(tmp_path / "in", {"p.png": samples.png_page(0, (200, 260))})
-    (tmp_path / "taken").write_text("a file, not a folder")
-    gcs = ray_session.get_runtime_context().gcs_address
-    cpus = int(ray_session.cluster_resources()["CPU"])
-    common = ["--prompt", PROMPT, "--checkpoint", str(tiny_checkpoint), "--gpus-per-actor", "0", "--no-progress"]
+@pytest.fixture()
+def two_cpu_cluster():
+    """A Ray cluster of its own with 2 CPUs (the session's has 4), on 127.0.0.1, used from CLI subprocesses."""
+    from ray.cluster_utils import Cluster
 
-    too_many = ["--actors", f"{cpus},{cpus}", "--ray-address", gcs]  # cpus actors + one decode task > cpus
-    p = cli("run", "--input", str(docs), "--output", str(tmp_path / "out"), *too_many, *common)
-    line = one_line_error(p)
-    assert p.returncode == 2 and "cannot run this job" in line and f"have {cpus} CPUs" in line, line
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    yield cluster
+    cluster.shutdown()
+
+
+def test_on_a_two_cpu_cluster_defaults_finish_and_a_pool_that_cannot_fit_is_refused_with_one_line(
+    two_cpu_cluster, tmp_path, tiny_checkpoint
+):
+    docs = write_files(tmp_path / "in", {f"p{i}.png": samples.png_page(i, (200, 260)) for i in range(2)})
+    common = ["--prompt", PROMPT, "--checkpoint", str(tiny_checkpoint), "--no-progress"]
+    small = ["--ray-address", two_cpu_cluster.address, "--max-new-tokens", "4", "--max-windows", "4"]
+
+    p = cli("run", "--input", str(docs), "--output", str(tmp_path / "out"), "--actors", "2,2", *small, *common)
+    line = one_line_error(p)  # 2 actors x 1 CPU + one decode task (1 CPU) on 2 CPUs
+    assert p.returncode == 2 and "cannot run this job" in line and "need 3 CPUs" in line, line
+    assert "have 2 CPUs" in line and "--wait-for-resources" in line, line
     assert not (tmp_path / "out").exists(), "a refused job wrote its output folder"
 
+    p = cli("run", "--input", str(docs), "--output", str(tmp_path / "out"), *small, *common, "--json", timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads(p.stdout[p.stdout.index("{") :])
+    assert summary["rows"] == 2 and summary["error_rows"] == 0
+
+
+def test_cli_bad_paths_exit_2_with_one_line(tmp_path, tiny_checkpoint):
+    docs = write_files(tmp_path / "in", {"p.png": samples.png_page(0, (200, 260))})
+    (tmp_path / "taken").write_text("a file, not a folder")
+    common = ["--prompt", PROMPT, "--checkpoint", str(tiny_checkpoint), "--no-progress"]
     p = cli("run", "--input", str(docs), "--output", str(tmp_path / "taken"), *common)
     assert p.returncode == 2 and "is a file" in one_line_error(p)
     p = cli("run", "--input", str(docs / "typo.png"), "--output", str(tmp_path / "out"), *common)

@@ -152,3 +152,45 @@ def test_submit_runs_the_job_on_the_cluster_and_status_and_logs_report_it(
     home.mkdir()
     refused = cli("status", job_id, "--address", address, env={"RAY_AUTH_TOKEN": "", "HOME": str(home)})
     assert refused.returncode != 0 and "Authentication" in refused.stdout + refused.stderr
+
+
+def test_submit_wait_timeout_says_the_job_goes_on_or_stops_it(ray_head, s3_server, tiny_checkpoint):
+    address, token = ray_head
+    s3_server.create_bucket("batch-timeout")
+    s3_server.client().put_object(Bucket="batch-timeout", Key="in/p.png", Body=samples.png_page(0, (300, 400)))
+    auth = {"RAY_AUTH_TOKEN": token}
+    run = ["--input", "s3://batch-timeout/in/", "--prompt", PROMPT, "--checkpoint", str(tiny_checkpoint)]
+    run += ["--env", "AWS_ACCESS_KEY_ID", "--env", "AWS_SECRET_ACCESS_KEY", "--max-new-tokens", "4"]
+
+    def status_of(job_id: str) -> str:
+        return json.loads(cli("status", job_id, "--address", address, env=auth).stdout)["status"]
+
+    p = cli(
+        "submit", "--address", address, "--wait", "--timeout", "1", "--output", "s3://batch-timeout/a/", *run, env=auth
+    )
+    job_id = p.stdout.splitlines()[0].strip()
+    assert p.returncode == 4 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "it goes on" in p.stderr.splitlines()[-1] and job_id in p.stderr.splitlines()[-1]
+    assert status_of(job_id) in ("PENDING", "RUNNING", "SUCCEEDED")  # not stopped by us
+    cli("stop", job_id, "--address", address, env=auth)
+
+    p = cli(
+        "submit",
+        "--address",
+        address,
+        "--wait",
+        "--timeout",
+        "1",
+        "--stop-on-timeout",
+        "--output",
+        "s3://batch-timeout/b/",
+        *run,
+        env=auth,
+    )
+    job_id = p.stdout.splitlines()[0].strip()
+    assert p.returncode == 4 and "stopped it" in p.stderr.splitlines()[-1], p.stderr[-3000:]
+    deadline = time.monotonic() + 60
+    while status_of(job_id) not in ("STOPPED", "FAILED", "SUCCEEDED"):
+        assert time.monotonic() < deadline, "the job did not stop within 60 s"
+        time.sleep(1)
+    assert status_of(job_id) == "STOPPED"
