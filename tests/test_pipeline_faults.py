@@ -113,29 +113,39 @@ def test_s3_down_while_reading_leaves_documents_for_a_rerun_that_does_exactly_th
     assert again["error_rows"] == 0 and again["rows"] == again["unique_ids"] == 5
 
 
+class _BackAfterFirstRetry(logging.Handler):
+    """Brings the stopped server back 2 s after the first storage retry is logged: the outage surely meets a write,
+    and ends well within the budget."""
+
+    def __init__(self, server: SeaweedFS):
+        super().__init__(logging.WARNING)
+        self.server, self.thread = server, None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.thread is None and "retrying" in record.getMessage():
+            self.thread = threading.Thread(target=lambda: (time.sleep(2), self.server.start()), daemon=True)
+            self.thread.start()
+
+
 def test_s3_down_during_a_part_upload_and_back_within_the_budget_loses_no_row(
     tiny_checkpoint, ray_session, flaky_s3, tmp_path
 ):
     docs = write_files(tmp_path / "docs", {f"p{i}.png": samples.png_page(i, (300, 400)) for i in range(6)})
     cfg = config(tiny_checkpoint, [docs], "s3://flaky/out/", s3=s3_settings(flaky_s3, retry_seconds=90))
-    outage: list[threading.Thread] = []
+    back = _BackAfterFirstRetry(flaky_s3)
+    logging.getLogger("pipelines.storage").addHandler(back)
 
-    def stop_for_a_while(table: pa.Table) -> None:
-        if not outage:  # the first part is written; the next upload meets a stopped server
+    def stop_after_the_first_part(table: pa.Table) -> None:
+        if flaky_s3.proc is not None and back.thread is None:  # the next upload (or the final one) meets it
             flaky_s3.stop()
 
-            def back():
-                time.sleep(3)
-                flaky_s3.start()
-
-            outage.append(threading.Thread(target=back, daemon=True))
-            outage[0].start()
-
-    summary = run_job(cfg, progress=False, on_batch=stop_for_a_while)
-    outage[0].join(timeout=120)
-    assert summary["run"]["part_write_retries"] >= 1, "no upload met the outage"
-    storage = Storage(cfg.s3)
-    rows = by_page(read_rows(cfg.output, storage))
+    try:
+        summary = run_job(cfg, progress=False, on_batch=stop_after_the_first_part)
+    finally:
+        logging.getLogger("pipelines.storage").removeHandler(back)
+    assert back.thread is not None and summary["run"]["part_write_retries"] >= 1, "no upload met the outage"
+    back.thread.join(timeout=120)
+    rows = by_page(read_rows(cfg.output, Storage(cfg.s3)))
     assert set(rows) == {(f"p{i}.png", 1, PROMPT) for i in range(6)}
     assert all(r["error_type"] is None for r in rows.values())
     written = json.loads(flaky_s3.client().get_object(Bucket="flaky", Key="out/_summary.json")["Body"].read())

@@ -158,6 +158,23 @@ def test_plan_merges_prompts_checks_ids_and_skips_finished_single_pages():
         plan_sources([a], (), set())
 
 
+def test_plan_handles_ids_with_colons_repeated_documents_and_several_prompts():
+    sources = [
+        Source("/x/a.png", doc_id="scan:17"),
+        Source("/x/a.png", doc_id="scan:17"),  # listed twice: one record, each prompt once
+        Source("/x/b.png", doc_id="b", prompt="Own?"),
+        Source("/x/c.tif"),
+    ]
+    done = {row_id("scan:17", 1, "Q1"), row_id("scan:17", 1, "Q2"), row_id("b", 1, "Q1")}
+    records, skipped = plan_sources(sources, ("Q1", "Q2"), done)
+    # a.png has both prompts (skipped); b.png's own prompt is not answered; c.tif may have pages: always opened
+    assert skipped == 1
+    assert [(r["uri"], r["prompts"], r["done"]) for r in records.to_pylist()] == [
+        ("/x/b.png", ["Own?"], [f"1:{prompt_key('Q1')}"]),
+        ("/x/c.tif", ["Q1", "Q2"], []),
+    ]
+
+
 def test_row_ids_are_deterministic_and_reversible():
     rid = row_id("scan:17", 3, PROMPT)
     assert rid == row_id("scan:17", 3, PROMPT) != row_id("scan:17", 3, PROMPT + " ")
