@@ -95,6 +95,22 @@ def test_engine_cpu_benchmark_prints_json(tmp_path):
     assert r["pages"] == 2 and r["bare_loop_pages_per_s"] > 0 and r["engine_pages_per_s"] > 0
 
 
+def test_driver_scale_benchmark_plans_what_is_left(tmp_path):
+    out = tmp_path / "d.json"
+    p = subprocess.run(
+        [sys.executable, "benchmarks/driver_scale.py", "--documents", "200", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    # 180 of 200 done; every 5th is a 3-page PDF (36 of them done): done PDFs are reopened to count their pages
+    assert r["documents_done"] == 180 and r["rows_already_done"] == 144 + 36 * 3
+    assert r["documents_skipped_complete"] == 144 and r["documents_to_process"] == 20 + 36
+    assert r["rss_peak_growth_mb"] >= 0 and r["per_million_documents"]["plan_seconds"] > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_decode_equals_eager_and_golden_on_gpu():
