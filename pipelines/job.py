@@ -32,11 +32,13 @@ import pyarrow as pa
 
 from runtime.local_ray import prepare_local_env
 
-from .documents import DecodeConfig, DecodePages, SplitDocuments
+from .documents import PDF_TEXT_MODES, DecodeConfig, DecodePages, SplitDocuments
+from .documents_out import write_documents
 from .generate import GenerateConfig, GenerateStage
 from .output import PartWriter, output_parts, read_done_ids, record_settings
 from .plan import group_sources, plan_sources
 from .progress import Progress
+from .rows import LADDER
 from .storage import S3Settings, Storage, list_sources
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,19 @@ SOURCE_SCHEMA = pa.schema(
     [("uri", pa.string()), ("doc", pa.string()), ("prompts", pa.list_(pa.string())), ("done", pa.list_(pa.string()))]
 )
 # settings that change what a row contains: a resumed run with other values mixes two kinds of rows
-RESULT_SETTINGS = ("checkpoint", "max_new_tokens", "max_windows", "dpi")
+RESULT_SETTINGS = (
+    "checkpoint",
+    "max_new_tokens",
+    "max_windows",
+    "dpi",
+    "use_pdf_text",
+    "pdf_text_min_chars",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "repetition_guard",
+    "temperature_ladder",
+    "max_attempts",
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,15 @@ class JobConfig:
     s3: S3Settings = field(default_factory=S3Settings)
     torch_threads: int | None = None  # CPU engine threads per actor (default: cpus_per_actor)
     ray_progress: bool = False  # Ray Data's own per-operator progress bars
+    # -- digitization (issue 12) --
+    documents_out: str | None = None  # folder for one text file per document + documents.jsonl (documents_out.py)
+    use_pdf_text: str = "never"  # "never" | "auto" | "always": answer PDF pages with their text layer (documents.py)
+    pdf_text_min_chars: int = 50  # letters/digits a text layer needs to count as usable ("auto")
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    repetition_guard: bool = True  # loops end with finish_reason "repetition" and are retried up the ladder
+    temperature_ladder: tuple[float, ...] = LADDER
+    max_attempts: int = 1 + len(LADDER)
 
     def __post_init__(self):
         lo, hi = self.actors
@@ -88,6 +111,12 @@ class JobConfig:
             raise ValueError("give at least one --input")
         if self.rows_per_file < 1 or self.flush_seconds < 0:
             raise ValueError("--rows-per-file must be >= 1 and --flush-seconds >= 0")
+        if self.use_pdf_text not in PDF_TEXT_MODES:
+            raise ValueError(f"--use-pdf-text must be one of {', '.join(PDF_TEXT_MODES)}, got {self.use_pdf_text!r}")
+        if self.max_attempts < 1 or (self.max_attempts > 1 and not self.temperature_ladder):
+            raise ValueError("--max-attempts must be >= 1, and retries need a non-empty --temperature-ladder")
+        if any(t < 0 for t in self.temperature_ladder) or self.repetition_penalty <= 0:
+            raise ValueError("--temperature-ladder values must be >= 0 and --repetition-penalty > 0")
 
 
 # ---- the job ---------------------------------------------------------------------------------------------------------
@@ -170,6 +199,8 @@ def decoded_pages(records: list[dict], config: JobConfig, storage: Storage):
         max_pages=config.max_pages,
         max_render_pixels=config.max_render_pixels,
         pages_per_task=config.pages_per_task,
+        use_pdf_text=config.use_pdf_text,
+        pdf_text_min_chars=config.pdf_text_min_chars,
     )
     return (
         ray.data.from_arrow(blocks)
@@ -237,7 +268,13 @@ def run_job(
             for p in old:
                 fs.delete_file(p)
     record_settings(
-        fs, out, {k: (str(v) if k == "checkpoint" else v) for k, v in asdict(config).items() if k in RESULT_SETTINGS}
+        fs,
+        out,
+        {
+            k: (str(v) if k == "checkpoint" else list(v) if isinstance(v, tuple) else v)
+            for k, v in asdict(config).items()
+            if k in RESULT_SETTINGS
+        },
     )
     done = read_done_ids(fs, out)
     records, skipped_docs = plan_sources(sources, config.prompts, done)
@@ -260,6 +297,11 @@ def run_job(
         max_slots=config.max_slots,
         device="cpu" if config.gpus_per_actor == 0 else None,
         torch_threads=config.torch_threads,
+        repetition_penalty=config.repetition_penalty,
+        no_repeat_ngram_size=config.no_repeat_ngram_size,
+        repetition_guard=config.repetition_guard,
+        temperature_ladder=tuple(config.temperature_ladder),
+        max_attempts=config.max_attempts,
     )
     writer = PartWriter(fs, out, set(done), config.rows_per_file, config.flush_seconds)
     bar = Progress(enabled=progress)
@@ -296,6 +338,8 @@ def run_job(
         "batch_size": config.batch_size,
         "timeline": bar.timeline,
     }
+    if config.documents_out:  # rebuilt from every part on every run, so it is whole whatever ran before
+        run["documents_out"] = write_documents(fs, out, storage, config.documents_out, sources, config.prompts)
     summary = summarize(
         fs,
         out,

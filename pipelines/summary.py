@@ -37,7 +37,7 @@ def summarize(
         for u, p, r, c, e in zip(
             cols["source_uri"], cols["page"], cols["grid_rows"], cols["grid_cols"], cols["error_type"], strict=True
         )
-        if not e
+        if not e and r is not None  # (a page answered by its PDF text layer was never cut into windows)
     }
     windows = Counter(ok_pages.values())
     return {
