@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -141,18 +142,29 @@ class RiggedEngine:
         return out
 
 
-def rigged_stage(engine, **kw) -> GenerateStage:
-    stage = GenerateStage(GenerateConfig(checkpoint="/nonexistent/ckpt", device="cpu", metrics="none", **kw))
+@pytest.fixture(scope="module")
+def no_weights(tiny_checkpoint, tmp_path_factory):
+    """A checkpoint folder with the tiny config.json and no weights: window settings read, any engine load fails."""
+    folder = tmp_path_factory.mktemp("no-weights") / "ckpt"
+    folder.mkdir()
+    shutil.copy(tiny_checkpoint / "config.json", folder / "config.json")
+    return folder
+
+
+def rigged_stage(engine, checkpoint, **kw) -> GenerateStage:
+    stage = GenerateStage(GenerateConfig(checkpoint=str(checkpoint), device="cpu", metrics="none", **kw))
     stage._engine = engine
     return stage
 
 
-def test_ladder_retries_looping_pages_until_an_answer_does_not_loop(tmp_path):
+def test_ladder_retries_looping_pages_until_an_answer_does_not_loop(no_weights, tmp_path):
     (tmp_path / "a.png").write_bytes(samples.png_page(0, (300, 400)))
     (tmp_path / "b.png").write_bytes(samples.png_page(1, (300, 400)))
     pages = decode(tmp_path / "a.png", doc="a") + decode(tmp_path / "b.png", doc="b")
     engine = RiggedEngine(loops_below=0.5)
-    out = rigged_stage(engine, temperature_ladder=(0.1, 0.3, 0.5, 0.7))(pa.Table.from_pylist(pages, DECODED_SCHEMA))
+    out = rigged_stage(engine, no_weights, temperature_ladder=(0.1, 0.3, 0.5, 0.7))(
+        pa.Table.from_pylist(pages, DECODED_SCHEMA)
+    )
     assert out.schema == OUTPUT_SCHEMA
     for r in out.to_pylist():
         assert r["attempts"] == 4 and r["attempt_temperatures"] == [0.0, 0.1, 0.3, 0.5]
@@ -163,29 +175,31 @@ def test_ladder_retries_looping_pages_until_an_answer_does_not_loop(tmp_path):
     seeds = [s.seed for s in engine.asked]
     assert seeds[:2] == [None, None] and len(set(seeds[2:])) == 6  # greedy first; each row and rung its own seed
     again = RiggedEngine(loops_below=0.5)
-    rigged_stage(again, temperature_ladder=(0.1, 0.3, 0.5, 0.7))(pa.Table.from_pylist(pages[::-1], DECODED_SCHEMA))
+    rigged_stage(again, no_weights, temperature_ladder=(0.1, 0.3, 0.5, 0.7))(
+        pa.Table.from_pylist(pages[::-1], DECODED_SCHEMA)
+    )
     assert sorted(map(str, [s.seed for s in again.asked])) == sorted(map(str, seeds))  # batch order changes nothing
 
 
-def test_a_page_that_loops_at_every_temperature_is_a_repetition_error_row(tmp_path):
+def test_a_page_that_loops_at_every_temperature_is_a_repetition_error_row(no_weights, tmp_path):
     (tmp_path / "a.png").write_bytes(samples.png_page(0, (300, 400)))
     engine = RiggedEngine(loops_below=9.0)
-    stage = rigged_stage(engine, temperature_ladder=(0.2, 0.6), max_attempts=4)
+    stage = rigged_stage(engine, no_weights, temperature_ladder=(0.2, 0.6), max_attempts=4)
     (r,) = stage(pa.Table.from_pylist(decode(tmp_path / "a.png"), DECODED_SCHEMA)).to_pylist()
     assert r["error_type"] == "repetition" and r["text"] is None and "all 4 attempts looped" in r["error_message"]
     assert r["attempts"] == 4 and r["attempt_temperatures"] == [0.0, 0.2, 0.6, 0.6]  # the last rung repeats
     assert r["attempt_finish_reasons"] == ["repetition"] * 4 and r["finish_reason"] == "repetition"
-    once = rigged_stage(RiggedEngine(loops_below=9.0), max_attempts=1)
+    once = rigged_stage(RiggedEngine(loops_below=9.0), no_weights, max_attempts=1)
     (r,) = once(pa.Table.from_pylist(decode(tmp_path / "a.png"), DECODED_SCHEMA)).to_pylist()
     assert r["attempts"] == 1 and r["error_type"] == "repetition"
 
 
-def test_pdf_text_pages_never_reach_the_engine(tmp_path):
+def test_pdf_text_pages_never_reach_the_engine(no_weights, tmp_path):
     (tmp_path / "digital.pdf").write_bytes(text_pdf(PAGES[:2]))
     pages = decode(tmp_path / "digital.pdf", prompts=(PROMPT, "Title?"), config=replace(DECODE, use_pdf_text="auto"))
-    stage = GenerateStage(GenerateConfig(checkpoint="/nonexistent/ckpt", device="cpu", metrics="none"))
+    stage = GenerateStage(GenerateConfig(checkpoint=str(no_weights), device="cpu", metrics="none"))
     rows = stage(pa.Table.from_pylist(pages, DECODED_SCHEMA)).to_pylist()
-    assert stage._engine is None  # never loaded: loading /nonexistent/ckpt would have raised
+    assert stage._engine is None  # never loaded: loading a checkpoint without weights would have raised
     assert [(r["page"], r["text"]) for r in rows] == [(1, PAGES[0]), (1, PAGES[0]), (2, PAGES[1]), (2, PAGES[1])]
     assert all(r["text_source"] == "pdf_text" and r["attempts"] == 0 and r["error_type"] is None for r in rows)
 
@@ -355,11 +369,11 @@ def test_documents_out_after_a_killed_run_and_a_rerun(tiny_checkpoint, ray_sessi
     assert "<!-- page 4: error page_limit" in (dest / report["metadata"]["text_path"]).read_text()
 
 
-def test_born_digital_pdfs_are_answered_from_their_text_layer_without_the_engine(ray_session, tmp_path):
+def test_born_digital_pdfs_are_answered_from_their_text_layer_without_the_engine(ray_session, no_weights, tmp_path):
     docs = write_files(tmp_path / "docs", {"a.pdf": text_pdf(PAGES[:2]), "b.pdf": text_pdf(PAGES[1:2])})
     out, dest = tmp_path / "out", tmp_path / "documents"
-    # a checkpoint that does not exist: one engine call (or load) would fail the job
-    cfg = config("/nonexistent/checkpoint", [docs], out, use_pdf_text="always", documents_out=str(dest))
+    # a checkpoint without weights: one engine load (hence any engine call) would fail the job
+    cfg = config(no_weights, [docs], out, use_pdf_text="always", documents_out=str(dest))
     summary = run_job(cfg, progress=False)
     rows = read_rows(str(out))
     assert summary["error_rows"] == 0 and sorted((r["source_uri"][-5:], r["page"]) for r in rows) == [
