@@ -26,6 +26,8 @@ import sys
 
 from runtime.local_ray import prepare_local_env
 
+from .rows import LADDER
+
 log = logging.getLogger(__name__)
 
 
@@ -35,6 +37,13 @@ def _pair(text: str) -> tuple[int, int]:
         return int(lo), int(hi or lo)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected MIN,MAX (e.g. 1,4), got {text!r}") from None
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers (e.g. 0.1,0.5,1.0), got {text!r}") from None
 
 
 # (flag, argparse kwargs): shared by `run` and `submit`, and replayed by `submit` as the job's command line.
@@ -117,6 +126,46 @@ RUN_OPTIONS: list[tuple[str, dict]] = [
     ("--rows-per-file", dict(type=int, default=5000)),
     ("--flush-seconds", dict(type=float, default=60.0, help="write a part at least this often")),
     ("--ray-progress", dict(action="store_true", help="also show Ray Data's per-stage progress bars")),
+    # -- digitization: documents out, PDF text layer, repetition guard (README "Batch jobs") --
+    (
+        "--documents-out",
+        dict(
+            metavar="URI",
+            help="also write one Markdown file per document (pages in order, page markers) and documents.jsonl "
+            "(Dolma-style, page spans) here; the document text is the answers to the first prompt",
+        ),
+    ),
+    (
+        "--use-pdf-text",
+        dict(
+            choices=("never", "auto", "always"),
+            default="never",
+            help="answer PDF pages with their embedded text layer instead of the model: auto = when it is usable "
+            "(--pdf-text-min-chars letters/digits, no garbage), always = every PDF page; pdf_text is stored anyway",
+        ),
+    ),
+    ("--pdf-text-min-chars", dict(type=int, default=50, help="letters/digits a usable text layer has (auto)")),
+    ("--repetition-penalty", dict(type=float, default=1.0, help="HF/CTRL penalty on tokens already seen (1 = off)")),
+    ("--no-repeat-ngram-size", dict(type=int, default=0, help="ban repeating any n-gram of this size (0 = off)")),
+    (
+        "--no-repetition-guard",
+        dict(action="store_true", help="do not stop looping outputs (finish_reason repetition) nor retry them"),
+    ),
+    (
+        "--temperature-ladder",
+        dict(
+            type=_floats,
+            default=LADDER,
+            metavar="T1,T2,...",
+            help="temperatures of the retries of a looping page (default 0.1,0.3,0.5,0.7,0.9,1.0)",
+        ),
+    ),
+    (
+        "--max-attempts",
+        dict(
+            type=int, default=1 + len(LADDER), help="attempts per page, the first (greedy) one included; 1 = no retry"
+        ),
+    ),
 ]
 LOCAL_ONLY = ("--prompts-file",)  # submit sends these differently
 
@@ -145,6 +194,8 @@ def run_argv(args: argparse.Namespace) -> list[str]:
             argv += [f"{flag}={v}" for v in value]
         elif flag == "--actors":
             argv.append(f"{flag}={value[0]},{value[1]}")
+        elif flag == "--temperature-ladder":
+            argv.append(f"{flag}={','.join(f'{t:g}' for t in value)}")
         else:
             argv.append(f"{flag}={value}")
     return argv
@@ -194,6 +245,14 @@ def job_config(args: argparse.Namespace):
             retry_seconds=args.io_retry_seconds,
         ),
         ray_progress=args.ray_progress,
+        documents_out=args.documents_out,
+        use_pdf_text=args.use_pdf_text,
+        pdf_text_min_chars=args.pdf_text_min_chars,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        repetition_guard=not args.no_repetition_guard,
+        temperature_ladder=tuple(args.temperature_ladder),
+        max_attempts=args.max_attempts,
     )
 
 

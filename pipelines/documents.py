@@ -7,6 +7,10 @@ Page rules:
   without being rendered.
 * TIFF: every page (frame). GIF, WebP, PNG (APNG), ...: the first frame only. All else that PIL reads: one page.
 * EXIF orientation, mode conversion (CMYK, 16-bit, palette, alpha) and window cutting are model.windows'.
+* PDF text layer: every PDF page's embedded text goes into `pdf_text`. With `use_pdf_text` "auto" a page whose text
+  layer is usable (see `usable_pdf_text`) is not rendered: its row carries `text_source="pdf_text"` and the engine
+  stage answers it with that text, without an engine call; "always" does so for every PDF page whose text could be
+  extracted (even an empty one), "never" (the default) for none.
 
 Long documents are spread: `SplitDocuments` (a cheap first stage: read, count pages, render nothing) turns a document
 of more than `pages_per_task` pages into one decode task per page range, so a 1,000-page PDF is decoded by many tasks
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -36,6 +41,9 @@ from .storage import SINGLE_PAGE_SUFFIXES, Storage, StorageUnavailable, TooLarge
 log = logging.getLogger(__name__)
 
 
+PDF_TEXT_MODES = ("never", "auto", "always")
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     windows: WindowConfig = field(default_factory=WindowConfig)
@@ -47,8 +55,12 @@ class DecodeConfig:
     # unscaled up to 300 dpi; the default 16 windows use at most 16 x 448^2 = 3.2 MP of a page.
     max_render_pixels: int = 12_000_000
     pages_per_task: int = 16  # a longer document is split into decode tasks of this many pages
+    use_pdf_text: str = "never"  # "never" | "auto" | "always": answer PDF pages with their text layer (see module doc)
+    pdf_text_min_chars: int = 50  # letters and digits a text layer needs to be usable ("auto")
 
     def __post_init__(self):
+        if self.use_pdf_text not in PDF_TEXT_MODES:
+            raise ValueError(f"use_pdf_text must be one of {', '.join(PDF_TEXT_MODES)}, got {self.use_pdf_text!r}")
         if not 10 <= self.dpi <= 1200:
             raise ValueError(f"dpi must be within 10..1200, got {self.dpi}")
         if self.max_pages < 1:
@@ -117,8 +129,45 @@ class PdfDocument:
             raise ImageError("pdf_error", f"PDF page {i + 1} failed to render: {e}") from e
         return load_image(image, self.cfg)
 
+    def text(self, i: int) -> str | None:
+        """The embedded text of page i (pdfium's reading order), or None if it cannot be extracted."""
+        try:
+            page = self.pdf[i]
+            try:
+                textpage = page.get_textpage()
+                try:
+                    text = textpage.get_text_range()
+                finally:
+                    textpage.close()
+            finally:
+                page.close()
+        except Exception as e:  # noqa: BLE001 - no text layer is not an error: the page is still rendered
+            log.debug("PDF page %d: no text layer (%s)", i + 1, e)
+            return None
+        # pdfium ends lines with CRLF and marks a hyphen it joined across a line break as U+FFFE: put back what the
+        # page shows (hyphen, line break), so the text is the page's and not pdfium's guess at the word
+        return text.replace("\r\n", "\n").replace("\ufffe", "-\n")
+
     def close(self) -> None:
         self.pdf.close()
+
+
+# Characters a real text layer does not have: unassigned, private use (the glyph codes of fonts without a Unicode map),
+# controls, surrogates, and U+FFFD (pdfium's "no Unicode for this glyph").
+_GARBAGE = frozenset({"Cn", "Co", "Cc", "Cs"})
+
+
+def usable_pdf_text(text: str | None, min_chars: int = 50) -> bool:
+    """Whether a page's text layer can stand in for a transcription: at least `min_chars` letters or digits (any
+    script), which are at least half of its non-blank characters, and at most 1 % of those characters garbage (see
+    _GARBAGE). A scan with an empty or whitespace-only layer, a page with only a page number, and a layer whose fonts
+    map glyphs to private-use codes all fail and are rendered for the model instead."""
+    if not text:
+        return False
+    chars = [c for c in text if not c.isspace()]
+    alnum = sum(c.isalnum() for c in chars)
+    garbage = sum(c == "\ufffd" or unicodedata.category(c) in _GARBAGE for c in chars)
+    return alnum >= min_chars and 2 * alnum >= len(chars) and 100 * garbage <= len(chars)
 
 
 def _pdf_open_error(data: bytes, e: Exception) -> ImageError:
@@ -144,6 +193,7 @@ def open_document(data: bytes, uri: str, cfg: DecodeConfig) -> ImageDocument | P
 
 
 _NO_VIEWS = {k: None for k in ("views", "n_views", "window", "width", "height", "grid_rows", "grid_cols")}
+_NO_TEXT = {"pdf_text": None, "text_source": None}
 
 # A decode task: a document, or pages `first`..`last` of one whose page count `n_pages` the split stage learned.
 TASK_SCHEMA = pa.schema(
@@ -260,7 +310,7 @@ class DecodePages:
             return [p for p in prompts if f"{page}:{prompt_key(p)}" not in done]
 
         def error(page: int, kind: str, message: str, ps: list[str]) -> dict:
-            return {**base, **_NO_VIEWS, "page": page, "prompts": ps, **error_fields(kind, message)}
+            return {**base, **_NO_VIEWS, **_NO_TEXT, "page": page, "prompts": ps, **error_fields(kind, message)}
 
         def beyond(page: int, n: int) -> str:
             return f"page {page} of {n} is beyond --max-pages {max_pages}"
@@ -302,6 +352,18 @@ class DecodePages:
                 if i > max_pages:
                     yield error(i, "page_limit", beyond(i, n), ps)
                     continue
+                text = self._pdf_text(doc, i - 1)
+                if text["text_source"]:  # answered by its text layer: not rendered
+                    yield {
+                        **base,
+                        **_NO_VIEWS,
+                        **text,
+                        "page": i,
+                        "prompts": ps,
+                        "error_type": None,
+                        "error_message": None,
+                    }
+                    continue
                 try:
                     views = cut_views(doc.page(i - 1), self.config.windows)
                 except Exception as e:  # noqa: BLE001 - one bad page is one error row; the rest go on
@@ -309,6 +371,7 @@ class DecodePages:
                     continue
                 yield {
                     **base,
+                    **text,
                     "page": i,
                     "prompts": ps,
                     "views": views.views.numpy().tobytes(),
@@ -323,6 +386,17 @@ class DecodePages:
                 }
         finally:
             doc.close()
+
+    def _pdf_text(self, doc, i: int) -> dict:
+        """`pdf_text` and `text_source` of page i: the text layer (PDFs only), and "pdf_text" when it is the answer."""
+        if not isinstance(doc, PdfDocument):
+            return dict(_NO_TEXT)
+        text = doc.text(i)
+        mode = self.config.use_pdf_text
+        use = text is not None and (
+            mode == "always" or (mode == "auto" and usable_pdf_text(text, self.config.pdf_text_min_chars))
+        )
+        return {"pdf_text": text, "text_source": "pdf_text" if use else None}
 
 
 def classify(e: BaseException) -> tuple[str, str]:

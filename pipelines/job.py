@@ -33,17 +33,31 @@ import pyarrow.compute as pc
 
 from runtime.local_ray import prepare_local_env
 
-from .documents import DecodeConfig, DecodePages, SplitDocuments
+from .documents import PDF_TEXT_MODES, DecodeConfig, DecodePages, SplitDocuments
+from .documents_out import write_documents
 from .generate import GenerateConfig, GenerateStage
 from .output import PartWriter, output_parts, read_done_ids, record_settings
 from .plan import document_prompts, plan_documents
 from .progress import Progress
+from .rows import LADDER
 from .storage import S3Settings, Storage, StorageUnavailable, list_sources
 
 log = logging.getLogger(__name__)
 
 # settings that change what a row contains: a resumed run with other values mixes two kinds of rows
-RESULT_SETTINGS = ("checkpoint", "max_new_tokens", "max_windows", "dpi")
+RESULT_SETTINGS = (
+    "checkpoint",
+    "max_new_tokens",
+    "max_windows",
+    "dpi",
+    "use_pdf_text",
+    "pdf_text_min_chars",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "repetition_guard",
+    "temperature_ladder",
+    "max_attempts",
+)
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,15 @@ class JobConfig:
     ray_progress: bool = False  # Ray Data's own per-operator progress bars
     # A pool the cluster cannot place is refused up front; with this, waited for (an autoscaling cluster adds nodes).
     wait_for_resources: bool = False
+    # -- digitization (issue 12) --
+    documents_out: str | None = None  # folder for one text file per document + documents.jsonl (documents_out.py)
+    use_pdf_text: str = "never"  # "never" | "auto" | "always": answer PDF pages with their text layer (documents.py)
+    pdf_text_min_chars: int = 50  # letters/digits a text layer needs to count as usable ("auto")
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    repetition_guard: bool = True  # loops end with finish_reason "repetition" and are retried up the ladder
+    temperature_ladder: tuple[float, ...] = LADDER
+    max_attempts: int = 1 + len(LADDER)
 
     def __post_init__(self):
         lo, hi = self.actors
@@ -88,6 +111,12 @@ class JobConfig:
             raise ValueError("give at least one --input")
         if self.rows_per_file < 1 or self.flush_seconds < 0:
             raise ValueError("--rows-per-file must be >= 1 and --flush-seconds >= 0")
+        if self.use_pdf_text not in PDF_TEXT_MODES:
+            raise ValueError(f"--use-pdf-text must be one of {', '.join(PDF_TEXT_MODES)}, got {self.use_pdf_text!r}")
+        if self.max_attempts < 1 or (self.max_attempts > 1 and not self.temperature_ladder):
+            raise ValueError("--max-attempts must be >= 1, and retries need a non-empty --temperature-ladder")
+        if any(t < 0 for t in self.temperature_ladder) or self.repetition_penalty <= 0:
+            raise ValueError("--temperature-ladder values must be >= 0 and --repetition-penalty > 0")
 
 
 # ---- the job ---------------------------------------------------------------------------------------------------------
@@ -200,6 +229,8 @@ def decoded_pages(records: pa.Table, config: JobConfig, storage: Storage):
         max_pages=config.max_pages,
         max_render_pixels=config.max_render_pixels,
         pages_per_task=config.pages_per_task,
+        use_pdf_text=config.use_pdf_text,
+        pdf_text_min_chars=config.pdf_text_min_chars,
     )
     return (
         ray.data.from_arrow(blocks)
@@ -242,6 +273,7 @@ class Plan:
     skipped: int  # documents complete, not even read
     records: pa.Table  # decode-stage records, one per document left
     seen: set[str]  # ids of the documents left already written: the writer must never write them again
+    document_prompts: pa.Table  # every listed (doc, uri, prompt) in listing order (plan.document_prompts)
 
 
 def plan_job(config: JobConfig, storage: Storage | None = None, sources=None) -> Plan:
@@ -271,7 +303,7 @@ def plan_job(config: JobConfig, storage: Storage | None = None, sources=None) ->
         skipped,
         records.num_rows,
     )
-    return Plan(listed, len(done), skipped, records, seen)
+    return Plan(listed, len(done), skipped, records, seen, documents)
 
 
 def prepare_output(config: JobConfig, storage: Storage) -> None:
@@ -288,7 +320,11 @@ def prepare_output(config: JobConfig, storage: Storage) -> None:
             log.warning("--no-resume: deleting %d earlier parts in %s", len(old), config.output)
             for p in old:
                 retry(f"deleting {p}", fs.delete_file, p)
-    settings = {k: (str(v) if k == "checkpoint" else v) for k, v in asdict(config).items() if k in RESULT_SETTINGS}
+    settings = {
+        k: (str(v) if k == "checkpoint" else list(v) if isinstance(v, tuple) else v)  # as JSON reads it back
+        for k, v in asdict(config).items()
+        if k in RESULT_SETTINGS
+    }
     record_settings(fs, out, settings, retry)
 
 
@@ -325,6 +361,11 @@ def run_job(
         max_slots=config.max_slots,
         device="cpu" if config.gpus_per_actor == 0 else None,
         torch_threads=config.torch_threads,
+        repetition_penalty=config.repetition_penalty,
+        no_repeat_ngram_size=config.no_repeat_ngram_size,
+        repetition_guard=config.repetition_guard,
+        temperature_ladder=tuple(config.temperature_ladder),
+        max_attempts=config.max_attempts,
     )
     writer = PartWriter(fs, out, plan.seen, config.rows_per_file, config.flush_seconds, storage.retry)
     bar = Progress(enabled=progress)
@@ -378,6 +419,8 @@ def run_job(
         "batch_size": config.batch_size,
         "timeline": bar.timeline,
     }
+    if config.documents_out:  # rebuilt from every part on every run, so it is whole whatever ran before
+        run["documents_out"] = write_documents(fs, out, storage, config.documents_out, plan.document_prompts)
     if unavailable:
         log.warning(
             "%d documents could not be read (storage failing for over %.0fs each, --io-retry-seconds); they are not in "

@@ -31,8 +31,12 @@ ERROR_TYPES = {
     "page_limit": "page beyond --max-pages of a long document (not rendered)",
     "invalid_request": "the engine refused the request (prompt + max_new_tokens over its context, too many windows)",
     "generation_error": "the engine failed while generating this page",
+    "repetition": "every attempt of the temperature ladder ended in a repetition loop (text is null; see attempts)",
     "internal_error": "an unexpected exception while decoding this record (a bug: please report it)",
 }
+
+# Temperatures of the retries of a page whose answer looped (pipelines/generate.py): olmOCR's range, 0.1 -> 1.0.
+LADDER = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
 
 
 def _h(text: str, n: int) -> str:
@@ -73,6 +77,8 @@ DECODED_SCHEMA = pa.schema(
         ("grid_cols", pa.int32()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),
+        ("pdf_text", pa.string()),  # the PDF page's embedded text layer; null for images
+        ("text_source", pa.string()),  # "pdf_text": the page's answer is its text layer, it has no views
     ]
 )
 
@@ -95,6 +101,11 @@ OUTPUT_SCHEMA = pa.schema(
         ("model", pa.string()),
         ("error_type", pa.string()),
         ("error_message", pa.string()),
+        ("pdf_text", pa.string()),  # the PDF page's embedded text layer (null for images and unreadable PDFs)
+        ("text_source", pa.string()),  # "model" | "pdf_text" (--use-pdf-text); null for error rows
+        ("attempts", pa.int32()),  # engine generations made for this row (> 1: repetition retries); 0 for pdf_text
+        ("attempt_finish_reasons", pa.list_(pa.string())),  # finish_reason of each attempt, in order
+        ("attempt_temperatures", pa.list_(pa.float64())),  # temperature of each attempt, in order
     ]
 )
 
