@@ -143,11 +143,13 @@ def _engine_actors() -> dict[str, dict]:
 def test_killing_the_engine_actor_mid_job_yields_every_page_once(tiny_checkpoint, ray_session, tmp_path):
     from ray._private.state import actors
 
-    docs = write_files(tmp_path / "docs", {f"p{i}.png": samples.png_page(i, (300, 400)) for i in range(8)})
+    # 24 pages in batches of TEST_SETTINGS' size: when the first batch reaches the driver the actor still has most of
+    # the work ahead (with 8 pages a fast engine could be done before the kill, and the test would prove nothing)
+    docs = write_files(tmp_path / "docs", {f"p{i}.png": samples.png_page(i, (300, 400)) for i in range(24)})
     killed: list[str] = []
 
     def kill_after_first_batch(table):
-        if not killed:  # 1 of 4 batches is out; the actor is busy with the next ones
+        if not killed:
             (aid, actor), *_ = _engine_actors().items()
             os.kill(actor["Pid"], signal.SIGKILL)
             killed.append(aid)
@@ -155,9 +157,9 @@ def test_killing_the_engine_actor_mid_job_yields_every_page_once(tiny_checkpoint
     cfg = config(tiny_checkpoint, [docs], tmp_path / "out")
     summary = run_job(cfg, progress=False, on_batch=kill_after_first_batch)
     rows = by_page(read_rows(str(tmp_path / "out")))
-    assert set(rows) == {(f"p{i}.png", 1, PROMPT) for i in range(8)}
+    assert set(rows) == {(f"p{i}.png", 1, PROMPT) for i in range(24)}
     assert all(r["error_type"] is None for r in rows.values())
-    assert summary["run"]["rows"] == 8 and summary["run"]["duplicates_dropped"] == 0
+    assert summary["run"]["rows"] == 24 and summary["run"]["duplicates_dropped"] == 0
     info = actors(actor_id=killed[0])
     assert info["NumRestarts"] >= 1, "the killed actor was never restarted: the kill did not land mid-job"
 
