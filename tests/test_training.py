@@ -24,7 +24,7 @@ from training.modeling import (
     save_checkpoint,
     sincos_pos_embed,
 )
-from training.stages import FULL, TINY, stage_spec
+from training.stages import FULL, TINY, TINY_FROM_SCRATCH, stage_spec
 
 # The demo reader on the first 12 held-out pages of its task: how many it must read exactly (eval.json next to the
 # checkpoint has its exact-match rate on 200 such pages).
@@ -46,9 +46,11 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 
 def expected_trained(name: str, stage: int) -> bool:
-    """The paper's policy, written out independently of training.modeling.trainable."""
+    """The paper's policy (stages 1-4) and the demo's joint warm-up (stage 0, not in the paper), written out
+    independently of training.modeling.trainable."""
     unused = name.startswith(("vision.norm.", "vision.head."))
     return {
+        0: not unused,  # everything on the feature path: ViT, cross-attention, embeddings, decoder, head
         1: name.startswith("xattn.") or name == "decoder.embed_tokens.weight",
         2: (name.startswith("vision.") and not unused) or name.startswith("xattn."),
         3: (name.startswith("vision.") and not unused) or name.startswith("xattn."),
@@ -56,14 +58,16 @@ def expected_trained(name: str, stage: int) -> bool:
     }[stage]
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3, 4])
-def test_freeze_policy_is_exactly_the_parameters_that_get_gradients(stage, tokenizer_dir):
+@pytest.mark.parametrize(
+    ("stage", "preset"), [(0, "tiny-from-scratch"), (1, "tiny"), (2, "tiny"), (3, "tiny"), (4, "tiny")]
+)
+def test_freeze_policy_is_exactly_the_parameters_that_get_gradients(stage, preset, tokenizer_dir):
     from model.processor import Processor
     from model.tokenizer import load_tokenizer
 
     cfg = small_config()
     model = init_model(cfg, seed=0)
-    spec = stage_spec(stage, "tiny", image_size=56)
+    spec = stage_spec(stage, preset, image_size=56)
     trained = set(apply_freeze_policy(model, spec))
     names = [n for n, _ in model.named_parameters()]
     assert trained == {n for n in names if expected_trained(n, stage)}, f"stage {stage} policy differs"
@@ -84,6 +88,10 @@ def test_stage_presets_carry_the_papers_numbers():
     assert all(s.weight_decay == 0.1 and s.clip == 1.0 for s in (*FULL.values(), *TINY.values())), "wd 0.1 clip 1.0"
     assert [s.grad_checkpointing for s in FULL.values()] == [False, False, True, False], "checkpointing in DRA only"
     assert TINY[2].image_size == 2 * TINY[1].image_size, "tiny presets keep the 2x resolution step of CPT"
+    assert {s: TINY_FROM_SCRATCH[s] for s in (1, 2, 3, 4)} == TINY, "from-scratch keeps the tiny stages 1-4 as they are"
+    assert 0 not in TINY and 0 not in FULL, "the joint warm-up is no paper stage: only the from-scratch preset has it"
+    with pytest.raises(ValueError, match="tiny-from-scratch"):
+        stage_spec(0, "tiny")
 
 
 def test_pos_embed_interpolation_keeps_cls_and_resizes_bicubically():

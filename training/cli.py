@@ -21,8 +21,13 @@ log = logging.getLogger(__name__)
 
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="train one stage of InfiMM-HD's recipe (1 PT, 2 CPT, 3 DRA, 4 IFT) on Ray Train")
-    p.add_argument("--stage", type=int, required=True, choices=[1, 2, 3, 4])
-    p.add_argument("--preset", default="tiny", choices=["tiny", "full"], help="stage settings (full = the paper's)")
+    p.add_argument("--stage", type=int, required=True, choices=[0, 1, 2, 3, 4], help="0 JOINT: tiny-from-scratch only")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        choices=["tiny", "full", "tiny-from-scratch"],
+        help="stage settings (full = the paper's; tiny-from-scratch adds stage 0, a joint warm-up NOT in the paper)",
+    )
     start = p.add_mutually_exclusive_group(required=True)
     start.add_argument("--from", dest="init", metavar="DIR", help="the previous stage's official-layout checkpoint")
     start.add_argument("--init", dest="fresh", choices=["demo", "tiny"], help="start from freshly initialised weights")
