@@ -206,7 +206,9 @@ def demo_reader() -> Path | None:
     return demo_checkpoint()
 
 
-@pytest.mark.skipif(demo_reader() is None, reason="the demo reader does not read yet (eval.json exact match < 0.5) or is absent")
+@pytest.mark.skipif(
+    demo_reader() is None, reason="the demo reader does not read yet (eval.json exact match < 0.5) or is absent"
+)
 def test_batch_job_reads_held_out_pages_with_the_demo_reader(ray_session, tmp_path):
     """The demo task's held-out pages (seed 12345, never trained on) through the batch job: the answers are the printed
     words, and each row is the engine's own answer for that page alone."""
