@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -123,15 +124,19 @@ class JobConfig:
 def ensure_ray(address: str | None = None) -> None:
     """Use the Ray this process already has; else connect to `address` / RAY_ADDRESS (a cluster, or the driver of a
     submitted job); else start a private local one. Never auto-attach to some other local cluster."""
-    import ray
-
-    if ray.is_initialized():
+    loaded = sys.modules.get("ray")
+    if loaded is not None and loaded.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    # A local Ray's variables go into this process before `import ray` (Ray reads the loopback setting at import);
+    # a driver joining a cluster never gets them.
+    local_env = None if address else prepare_local_env()
+    import ray
+
     if address:  # no runtime_env here: a submitted job's own (working_dir, env_vars) must not be contradicted
         ray.init(address=address)
-    else:  # the CLI called prepare_local_env() before Ray was imported; a library caller should do the same
-        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": prepare_local_env()})
+    else:
+        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": local_env})
 
 
 class JobIncomplete(RuntimeError):

@@ -64,10 +64,26 @@ def test_a_submitted_jobs_environment_lacks_the_loopback_setting(monkeypatch):
 def test_the_job_entrypoint_does_not_set_it_when_imported():
     # The RayJob runs `infimm-hd batch run` on the cluster: importing the CLI must leave the variable alone.
     env = {k: v for k, v in os.environ.items() if k != LOOPBACK_ONLY}
-    code = f"import os, cli.main, pipelines.cli, pipelines.job; print(os.environ.get({LOOPBACK_ONLY!r}))"
+    # Serve imports deployments.app on every replica of a cluster, and training.cli is the RayJob of `train --submit`.
+    modules = "cli.main, pipelines.cli, pipelines.job, deployments.app, deployments.cli, training.cli"
+    code = f"import os, {modules}; print(os.environ.get({LOOPBACK_ONLY!r}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "None", f"importing the CLI set {LOOPBACK_ONLY}={out.stdout.strip()}"
+    assert out.stdout.strip() == "None", f"importing {modules} set {LOOPBACK_ONLY}={out.stdout.strip()}"
+
+
+def test_a_library_caller_gets_a_loopback_local_ray():
+    # ensure_ray() without an address starts a private local Ray: the loopback setting must be in place before
+    # `import ray`, because Ray reads it once, at import (ray_constants.ENABLE_RAY_CLUSTER).
+    env = {k: v for k, v in os.environ.items() if k not in (LOOPBACK_ONLY, "RAY_ADDRESS")}
+    code = (
+        "import sys, pipelines.job as j; assert 'ray' not in sys.modules, 'imported Ray early'; j.ensure_ray(); "
+        "import ray; from ray._private import ray_constants as c; "
+        "print(c.ENABLE_RAY_CLUSTER, ray.util.get_node_ip_address()); ray.shutdown()"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["False", "127.0.0.1"], out.stdout
 
 
 def test_the_kuberay_manifests_lack_it():

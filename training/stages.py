@@ -1,6 +1,6 @@
 """InfiMM-HD's four training stages as presets: what is trained, at which resolution, with which optimizer settings.
 
-Paper §3.2 and Table 8 (summary in ../shared/reference/infimm-hd-spec.md §7):
+Paper §3.2 and Table 8 (the training recipe of InfiMM-HD, arXiv 2403.01487):
 
 | stage | ViT    | x-attn | LLM                         | views                           | LR peak -> min | batch |
 |-------|--------|--------|-----------------------------|---------------------------------|----------------|-------|
