@@ -15,7 +15,7 @@ demo: setup
 	$(PY) -m demo
 
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=25
 
 lint: setup
 	$(PY) -m ruff check .
