@@ -111,6 +111,24 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def reset_peak_rss(pid: int) -> None:
+    """Start a new peak: the kernel sets VmHWM back to the current RSS when "5" is written to clear_refs."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """Peak resident set size since the process started or since `reset_peak_rss` (VmHWM), 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
 def rss_parts(pid: int) -> dict[str, int]:
     """VmRSS split as the kernel counts it: RssAnon (the process's own heap), RssFile (mapped files, libraries) and
     RssShmem (shared memory: for a Ray worker, the pages of the object store it has touched)."""

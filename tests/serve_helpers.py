@@ -109,8 +109,10 @@ async def until(cond, what: str, timeout: float = 60.0, interval: float = 0.05) 
 from benchmarks.common import (  # noqa: E402, F401
     cmdline,
     live_pids,
+    peak_rss_bytes,
     port_free,
     process_tree,
+    reset_peak_rss,
     rss_bytes,
     serve_replica_pids,
 )
