@@ -6,6 +6,7 @@ import io
 import json
 import os
 import platform
+import re
 import socket
 import sys
 from pathlib import Path
@@ -145,14 +146,10 @@ def rss_parts(pid: int) -> dict[str, int]:
 
 
 def serve_replica_pids(deployment: str, app: str | None = None) -> list[int]:
-    """PIDs of the Ray Serve replica processes of a deployment (their title is `ray::ServeReplica:<app>:<dep>`)."""
-    titles = {pid: cmdline(pid).split(" ", 1)[0] for pid in live_pids()}
-    want = f"ServeReplica:{app}:{deployment}" if app else None
-    return sorted(
-        pid
-        for pid, t in titles.items()
-        if t.startswith("ray::ServeReplica:") and (t.endswith(want) if want else t.endswith(f":{deployment}"))
-    )
+    """PIDs of the Ray Serve replica processes of a deployment. Ray titles an idle replica
+    `ray::ServeReplica:<app>:<dep>` and one running a call `ray::ServeReplica:<app>:<dep>.<method>`."""
+    title = re.compile(rf"ray::ServeReplica:{re.escape(app) if app else '[^:]+'}:{re.escape(deployment)}(\.\w+)?")
+    return sorted(pid for pid in live_pids() if title.fullmatch(cmdline(pid).split(" ", 1)[0]))
 
 
 def port_free(port: int) -> bool:
