@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -161,6 +162,37 @@ def test_cli_exits_3_with_one_line_when_storage_stays_down_at_listing_or_resume(
     p = cli("run", "--input", str(tmp_path / "in"), "--output", "s3://flaky/out/", *common, env=flaky_s3.env())
     assert p.returncode == 3 and "s3://flaky/out/" in one_line_error(p), p.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_exits_3_when_documents_are_left_unread_and_the_rerun_exits_0(flaky_s3, tmp_path, tiny_checkpoint):
+    """Through the command a user runs: a manifest (read while S3 is down: it is local) names a local page and two S3
+    objects. The run writes the local row, says in one line that 2 documents are left and exits 3; the same command
+    after S3 is back does exactly those and exits 0."""
+    client = flaky_s3.client()
+    for name in ("a.png", "b#2.png"):
+        client.put_object(Bucket="flaky", Key=f"in/{name}", Body=samples.png_page(len(name), (200, 260)))
+    local = write_files(tmp_path / "in", {"local.png": samples.png_page(0, (200, 260))})
+    manifest = tmp_path / "manifest.jsonl"
+    uris = [str(local / "local.png"), "s3://flaky/in/a.png", "s3://flaky/in/b#2.png"]
+    manifest.write_text("".join(json.dumps({"uri": u}) + "\n" for u in uris))
+    out = tmp_path / "out"
+    argv = ["run", "--input", str(manifest), "--output", str(out), "--prompt", PROMPT]
+    argv += ["--checkpoint", str(tiny_checkpoint), "--io-retry-seconds", "1", "--no-progress", "--json"]
+
+    flaky_s3.stop()
+    p = cli(*argv, env=flaky_s3.env())
+    assert p.returncode == 3, p.stderr[-3000:]
+    assert "2 documents could not be read" in one_line_error(p) and "rerun" in one_line_error(p)
+    assert json.loads(p.stdout)["run"]["documents_unavailable"] == 2, "the summary is still printed"
+    assert [r["source_uri"] for r in read_rows(str(out))] == [uris[0]], "only the page that was read"
+
+    flaky_s3.start()
+    p = cli(*argv, env=flaky_s3.env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["run"]["rows"] == 2, "the rerun does exactly the two left"
+    rows = by_page(read_rows(str(out)))
+    assert sorted(uri for uri, _, _ in rows) == sorted(Path(u).name for u in uris)
+    assert all(r["error_type"] is None for r in rows.values())
 
 
 # ---- any key ---------------------------------------------------------------------------------------------------------
