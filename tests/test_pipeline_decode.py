@@ -145,11 +145,16 @@ def test_a_long_pdf_is_decoded_by_many_tasks_in_many_blocks(tiny_checkpoint, ray
 def test_a_long_pdf_job_gives_every_page_once_and_resumes_only_the_missing(
     tiny_checkpoint, ray_session, long_pdf, tmp_path
 ):
-    out = tmp_path / "out"
-    cfg = config(tiny_checkpoint, [long_pdf], out, pages_per_task=8)
     from pipelines.job import run_job
 
+    from .test_pipeline_digitize import check_documents
+
+    out, dest = tmp_path / "out", tmp_path / "documents"
+    cfg = config(tiny_checkpoint, [long_pdf], out, pages_per_task=8, documents_out=str(dest))
+
     first = run_job(cfg, progress=False)
+    (long_doc,) = [r for r in check_documents(dest, read_rows(str(out))) if r["source"].endswith("long.pdf")]
+    assert [p["page"] for p in long_doc["pages"]] == list(range(1, LONG_PAGES + 1)), "the long document's text"
     rows = by_page(read_rows(str(out)))
     expected = {("long.pdf", p, PROMPT) for p in range(1, LONG_PAGES + 1)} | {("one.png", 1, PROMPT)}
     assert set(rows) == expected and all(r["error_type"] is None for r in rows.values())
@@ -166,6 +171,8 @@ def test_a_long_pdf_job_gives_every_page_once_and_resumes_only_the_missing(
     ids = [r["id"] for r in read_rows(str(out))]
     assert not [i for i, n in Counter(ids).items() if n > 1], "an id written twice"
     assert set(by_page(read_rows(str(out)))) == expected
+    (long_doc,) = [r for r in check_documents(dest, read_rows(str(out))) if r["source"].endswith("long.pdf")]
+    assert [p["page"] for p in long_doc["pages"]] == list(range(1, LONG_PAGES + 1)), "complete after the resume"
 
 
 def test_the_decode_reservation_covers_the_bad_input_corpus(tiny_checkpoint, ray_session, tmp_path):
