@@ -100,16 +100,23 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a live process (VmRSS), 0 if it is gone."""
+def _status_bytes(pid: int, keys: tuple[str, ...]) -> dict[str, int]:
+    """The given kB fields of /proc/<pid>/status, in bytes; {} if the process is gone."""
+    out = {}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+                key = line.split(":", 1)[0]
+                if key in keys:
+                    out[key] = int(line.split()[1]) * 1024
     except (FileNotFoundError, ProcessLookupError):
         pass
-    return 0
+    return out
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a live process (VmRSS), 0 if it is gone."""
+    return _status_bytes(pid, ("VmRSS",)).get("VmRSS", 0)
 
 
 def reset_peak_rss(pid: int) -> None:
@@ -120,29 +127,13 @@ def reset_peak_rss(pid: int) -> None:
 
 def peak_rss_bytes(pid: int) -> int:
     """Peak resident set size since the process started or since `reset_peak_rss` (VmHWM), 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
+    return _status_bytes(pid, ("VmHWM",)).get("VmHWM", 0)
 
 
 def rss_parts(pid: int) -> dict[str, int]:
     """VmRSS split as the kernel counts it: RssAnon (the process's own heap), RssFile (mapped files, libraries) and
     RssShmem (shared memory: for a Ray worker, the pages of the object store it has touched)."""
-    out = {}
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key = line.split(":", 1)[0]
-                if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
-                    out[key] = int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return out
+    return _status_bytes(pid, ("VmRSS", "RssAnon", "RssFile", "RssShmem"))
 
 
 def serve_replica_pids(deployment: str, app: str | None = None) -> list[int]:
