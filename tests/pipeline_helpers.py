@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from pipelines.job import JobConfig, output_parts
+from pipelines.rows import split_row_id
 from pipelines.storage import S3Settings, Storage
 
 # Small everywhere: 4 new tokens, at most 4 windows, PDFs at 72 dpi; several engine calls per job (batch of 2 pages).
@@ -81,3 +84,27 @@ class Reference:
 
         req = self.engine.make_request(prompt, [page], SamplingParams(max_new_tokens=TEST_SETTINGS["max_new_tokens"]))
         return self.engine.generate([req])[0].text
+
+
+def check_documents(dest, rows: list[dict], prompt: str = PROMPT) -> list[dict]:
+    """Every document's JSONL text is its rows' texts joined in page order; spans point at them; the Markdown has each
+    page's marker exactly once, in order, with a marked gap for each error row."""
+    by_doc: dict[str, dict[int, dict]] = {}
+    for r in rows:
+        if r["prompt"] == prompt:
+            pages = by_doc.setdefault(split_row_id(r["id"])[0], {})
+            assert r["page"] not in pages, f"two rows for page {r['page']} of {r['source_uri']}"
+            pages[r["page"]] = r
+    records = [json.loads(line) for line in (dest / "documents.jsonl").read_text().splitlines()]
+    assert sorted(rec["id"] for rec in records) == sorted(by_doc)
+    for rec in records:
+        pages = by_doc[rec["id"]]
+        assert [p["page"] for p in rec["pages"]] == sorted(pages), rec["id"]
+        assert rec["text"] == "\n\n".join(pages[n]["text"] for n in sorted(pages) if not pages[n]["error_type"])
+        for start, end, n in rec["attributes"]["pdf_page_numbers"]:
+            assert rec["text"][start:end] == pages[n]["text"]
+        md = (dest / rec["metadata"]["text_path"]).read_text()
+        markers = re.findall(r"<!-- page (\d+)(: error [a-z_]+)?", md)
+        want = [(str(n), f": error {pages[n]['error_type']}" if pages[n]["error_type"] else "") for n in sorted(pages)]
+        assert markers == want, rec["id"]
+    return records

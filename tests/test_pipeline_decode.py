@@ -16,7 +16,7 @@ from pipelines.documents import TASK_SCHEMA, DecodeConfig, DecodePages, SplitDoc
 from pipelines.rows import OUTPUT_SCHEMA, prompt_key
 from pipelines.storage import Storage
 
-from .pipeline_helpers import PROMPT, by_page, config, read_rows, write_files
+from .pipeline_helpers import PROMPT, by_page, check_documents, config, read_rows, write_files
 from .test_pipeline_stages import DECODE, decode
 
 pytestmark = pytest.mark.timeout(600)
@@ -146,8 +146,6 @@ def test_a_long_pdf_job_gives_every_page_once_and_resumes_only_the_missing(
     tiny_checkpoint, ray_session, long_pdf, tmp_path
 ):
     from pipelines.job import run_job
-
-    from .test_pipeline_digitize import check_documents
 
     out, dest = tmp_path / "out", tmp_path / "documents"
     cfg = config(tiny_checkpoint, [long_pdf], out, pages_per_task=8, documents_out=str(dest))

@@ -21,11 +21,11 @@ from pipelines.generate import GenerateConfig, GenerateStage
 from pipelines.job import run_job
 from pipelines.output import PartWriter
 from pipelines.plan import document_prompts
-from pipelines.rows import DECODED_SCHEMA, OUTPUT_SCHEMA, row_id, split_row_id
+from pipelines.rows import DECODED_SCHEMA, OUTPUT_SCHEMA, row_id
 from pipelines.storage import S3Settings, Source, Storage
 
 from .corpus import _pdf
-from .pipeline_helpers import PROMPT, TEST_SETTINGS, config, read_rows, write_files
+from .pipeline_helpers import PROMPT, TEST_SETTINGS, check_documents, config, read_rows, write_files
 from .test_pipeline_stages import DECODE, decode
 
 pytestmark = pytest.mark.timeout(600)
@@ -317,30 +317,6 @@ def test_documents_out_on_s3(s3_server):
 
 
 # ---- end to end on Ray -----------------------------------------------------------------------------------------------
-def check_documents(dest, rows: list[dict], prompt: str = PROMPT) -> list[dict]:
-    """Every document's JSONL text is its rows' texts joined in page order; spans point at them; the Markdown has each
-    page's marker exactly once, in order, with a marked gap for each error row."""
-    by_doc: dict[str, dict[int, dict]] = {}
-    for r in rows:
-        if r["prompt"] == prompt:
-            pages = by_doc.setdefault(split_row_id(r["id"])[0], {})
-            assert r["page"] not in pages, f"two rows for page {r['page']} of {r['source_uri']}"
-            pages[r["page"]] = r
-    records = [json.loads(line) for line in (dest / "documents.jsonl").read_text().splitlines()]
-    assert sorted(rec["id"] for rec in records) == sorted(by_doc)
-    for rec in records:
-        pages = by_doc[rec["id"]]
-        assert [p["page"] for p in rec["pages"]] == sorted(pages), rec["id"]
-        assert rec["text"] == "\n\n".join(pages[n]["text"] for n in sorted(pages) if not pages[n]["error_type"])
-        for start, end, n in rec["attributes"]["pdf_page_numbers"]:
-            assert rec["text"][start:end] == pages[n]["text"]
-        md = (dest / rec["metadata"]["text_path"]).read_text()
-        markers = re.findall(r"<!-- page (\d+)(: error [a-z_]+)?", md)
-        want = [(str(n), f": error {pages[n]['error_type']}" if pages[n]["error_type"] else "") for n in sorted(pages)]
-        assert markers == want, rec["id"]
-    return records
-
-
 class Killed(Exception):
     pass
 
