@@ -3,9 +3,12 @@
 Schemes: `data:` (base64), `s3://bucket/key` only under the operator's `allowed_s3_prefixes` (empty by default: the
 server's S3 credentials are not a client's to aim; boto3, endpoint from `s3_endpoint_url` or boto3's usual chain, e.g.
 AWS_ENDPOINT_URL), and `http(s)://` only for hosts on `allowed_http_hosts` (empty by default; redirects are not
-followed, so an allowed host cannot bounce us elsewhere). A missing and a forbidden object get the same answer, so a
-client cannot probe which objects exist. Sizes are checked before bytes are held in full: the base64 length, S3's
-ContentLength and a capped read of HTTP bodies. Pixels are checked from the image header
+followed, so an allowed host cannot bounce us elsewhere). An http(s) URL whose host two parsers could read differently
+is refused before the allow-list is consulted: a user part (`user@host`: it would be sent on as Basic credentials, and
+`allowed@other` names `other`), backslashes, whitespace or control characters, and a non-ASCII or percent-encoded
+authority (IDN look-alikes; an internationalized name is written in its `xn--` form). A missing and a forbidden object
+get the same answer, so a client cannot probe which objects exist. Sizes are checked before bytes are held in full:
+the base64 length, S3's ContentLength and a capped read of HTTP bodies. Pixels are checked from the image header
 (`model.windows.open_image`) before anything is decoded, so a decompression bomb costs a header read; decoding and
 cutting run in a worker thread, never on the event loop that other requests share.
 """
@@ -19,7 +22,7 @@ import logging
 import re
 import threading
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from model.windows import ImageError, PageViews, WindowConfig, open_image, prepare_image
 
@@ -97,6 +100,53 @@ def _prepare(data: bytes, windows: WindowConfig) -> PageViews:
         return prepare_image(data, windows)
     except ImageError as e:
         raise image_error(e) from None
+
+
+_UNSAFE_URL_CHARS = re.compile(r"[\x00-\x20\x7f\\]")  # control characters, whitespace, backslash
+
+
+def _bad_url(message: str) -> APIError:
+    return APIError(400, message, "invalid_image_url", param="messages")
+
+
+def check_http_url(url: str) -> SplitResult:
+    """The parts of an http(s) image URL whose host every parser reads the same; APIError(400) for the rest.
+
+    urllib (which the allow-list reads) and httpx (which fetches) disagree on backslashes and on what a user part
+    hides, and httpx would send a user part on as `Authorization: Basic ...` to the host."""
+    bad = _UNSAFE_URL_CHARS.search(url)
+    if bad:
+        what = "a backslash" if bad.group() == "\\" else "whitespace or a control character"
+        raise _bad_url(f"image URL contains {what}; percent-encode it, or send the image as a data: URL")
+    parts = urlsplit(url)
+    if "@" in parts.netloc:  # the message never repeats the user part: it may be a password
+        raise _bad_url(
+            f"image URL for host {parts.netloc.rpartition('@')[2]!r} has a user part (user@host); this server "
+            "sends no credentials with image downloads: remove it"
+        )
+    if not parts.netloc.isascii() or "%" in parts.netloc:
+        raise _bad_url(
+            "image URL host must be plain ASCII: write an internationalized name in its xn-- (punycode) form "
+            "and do not percent-encode it"
+        )
+    import httpx
+
+    try:
+        port = parts.port
+        fetched = httpx.URL(url)  # what the download would really contact
+    except (ValueError, httpx.InvalidURL) as e:
+        raise _bad_url(f"image URL {url!r} is not a valid URL: {e}") from None
+    host = (parts.hostname or "").lower()
+    if not host:
+        raise _bad_url(f"image URL {url!r} has no host")
+    default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+    if (
+        fetched.userinfo
+        or fetched.raw_host.decode("ascii").lower() != host
+        or (fetched.port or default) != (port or default)
+    ):
+        raise _bad_url(f"image URL {url!r} does not name one host unambiguously")
+    return parts
 
 
 class ImageFetcher:
@@ -233,10 +283,14 @@ class ImageFetcher:
 
     # ---- HTTP(S) -----------------------------------------------------------------------------------------------------
     def host_allowed(self, url: str) -> bool:
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
+        try:
+            return self._allowed(check_http_url(url))
+        except APIError:
+            return False
+
+    def _allowed(self, parts: SplitResult) -> bool:
         allowed = {h.lower() for h in self.policy.allowed_http_hosts}
-        return bool(host) and (host in allowed or parts.netloc.lower() in allowed)
+        return parts.hostname.lower() in allowed or parts.netloc.lower() in allowed  # `host` or `host:port` entries
 
     async def _http_get(self, url: str) -> bytes:
         if not self.policy.allowed_http_hosts:
@@ -246,10 +300,11 @@ class ImageFetcher:
                 "unsupported_image_url",
                 param="messages",
             )
-        if not self.host_allowed(url):
+        parts = check_http_url(url)  # before the allow-list: a URL that could name two hosts names none
+        if not self._allowed(parts):
             raise APIError(
                 400,
-                f"image host {urlsplit(url).hostname!r} is not on this server's allow-list",
+                f"image host {parts.hostname!r} is not on this server's allow-list",
                 "image_host_not_allowed",
                 param="messages",
             )
@@ -262,6 +317,14 @@ class ImageFetcher:
             async with self._http.stream("GET", url) as r:
                 if r.status_code == 404:
                     raise APIError(400, f"image {url} does not exist (HTTP 404)", "image_not_found", param="messages")
+                if r.is_redirect:  # its target is not checked against the allow-list, so it is not followed
+                    raise APIError(
+                        400,
+                        f"image {url} answered HTTP {r.status_code}, a redirect; this server does not follow "
+                        "redirects: send the URL it points to",
+                        "image_fetch_failed",
+                        param="messages",
+                    )
                 if r.status_code != 200:
                     raise APIError(
                         400, f"image {url} answered HTTP {r.status_code}", "image_fetch_failed", param="messages"

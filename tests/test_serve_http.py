@@ -26,11 +26,14 @@ MODEL = "infimm-hd"
 
 @pytest.fixture(scope="module")
 def image_host():
-    """A plain HTTP server on 127.0.0.1 with a page, a redirect, a 404 and an oversized image."""
+    """A plain HTTP server on 127.0.0.1 with a page, redirects (same host, and to `localhost`, which is not on the
+    allow-list), a 404 and an oversized image. `seen` records (path, Authorization header) of every request."""
     files = {"/page.png": page_png(600, 800), "/big.png": noise_png(400)}
+    seen: list[tuple[str, str | None]] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
             if self.path in files:
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
@@ -41,6 +44,10 @@ def image_host():
                 self.send_response(302)
                 self.send_header("Location", "/page.png")
                 self.end_headers()
+            elif self.path == "/redirect-away":
+                self.send_response(302)
+                self.send_header("Location", f"http://localhost:{self.server.server_address[1]}/page.png")
+                self.end_headers()
             else:
                 self.send_error(404)
 
@@ -50,7 +57,7 @@ def image_host():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield SimpleNamespace(port=server.server_address[1], files=files)
+    yield SimpleNamespace(port=server.server_address[1], files=files, seen=seen)
     server.shutdown()
 
 
@@ -138,16 +145,43 @@ def test_http_image_from_an_allowed_host(stack):
     "path, host, status, code",
     [
         ("/page.png", "localhost", 400, "image_host_not_allowed"),  # same server, but not the allowed name
-        ("/redirect", "127.0.0.1", 400, "image_fetch_failed"),  # redirects are not followed
+        ("/redirect", "127.0.0.1", 400, "image_fetch_failed"),  # redirects are not followed, even on the same host
+        ("/redirect-away", "127.0.0.1", 400, "image_fetch_failed"),  # ... so none reaches a host off the allow-list
         ("/nothing.png", "127.0.0.1", 400, "image_not_found"),
         ("/big.png", "127.0.0.1", 413, "image_too_large"),
     ],
 )
 def test_http_image_refusals(stack, path, host, status, code):
     url = f"http://{host}:{stack.image_host.port}{path}"
+    stack.image_host.seen.clear()
     with pytest.raises(openai.APIStatusError) as e:
         stack.client.chat.completions.create(model=MODEL, messages=image_message(url, "Read."), max_tokens=4)
     assert (e.value.status_code, e.value.code) == (status, code), e.value.message
+    if "redirect" in path:
+        assert "does not follow redirects" in e.value.message, e.value.message
+        assert [p for p, _ in stack.image_host.seen] == [path], "the redirect's target must not be fetched"
+
+
+@pytest.mark.parametrize(
+    "template, why",
+    [
+        ("http://user:s3cret@127.0.0.1:{port}/page.png", "user part"),  # httpx would send it as Basic credentials
+        ("http://127.0.0.1@localhost:{port}/page.png", "user part"),  # an allowed name in front of another host
+        ("http://localhost@127.0.0.1:{port}/page.png", "user part"),
+        ("http://localhost\\@127.0.0.1:{port}/page.png", "backslash"),  # urllib and httpx split this differently
+        ("http://127.0.0.1:{port}\\@localhost/page.png", "backslash"),
+        ("http://127\uff0e0\uff0e0\uff0e1:{port}/page.png", "ASCII"),  # fullwidth dots: IDNA maps them to '.'
+        ("http://localhost\t@127.0.0.1:{port}/page.png", "whitespace"),  # urllib drops tabs, so '@' decides
+    ],
+)
+def test_http_image_urls_that_hide_a_host_or_credentials_are_refused(stack, template, why):
+    url = template.format(port=stack.image_host.port)
+    stack.image_host.seen.clear()
+    with pytest.raises(openai.BadRequestError) as e:
+        stack.client.chat.completions.create(model=MODEL, messages=image_message(url, "Read."), max_tokens=4)
+    assert e.value.code == "invalid_image_url" and why in e.value.message, e.value.message
+    assert "s3cret" not in e.value.message
+    assert stack.image_host.seen == [], "nothing may be fetched for a refused URL"
 
 
 def test_timeout_answers_504_and_aborts_the_generation(stack):

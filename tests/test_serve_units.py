@@ -128,6 +128,10 @@ def test_data_urls():
         ("http://127.0.0.1:9090/a.png", False),
         ("https://docs.example.com.evil.net/a.png", False),
         ("https://docs.example.com@evil.net/a.png", False),  # userinfo trick: the host is evil.net
+        ("https://user@docs.example.com/a.png", False),  # credentials are never sent on: refused, not stripped
+        ("https://evil.net\\@docs.example.com/a.png", False),  # urllib reads docs.example.com, httpx evil.net
+        ("https://docs\uff0eexample\uff0ecom/a.png", False),  # fullwidth dots (IDNA maps them to '.')
+        ("https://docs.example.com:443/a.png", True),  # the default port, written out
         ("https://evil.net/?u=docs.example.com", False),
     ],
 )
