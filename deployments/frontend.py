@@ -234,6 +234,16 @@ class Frontend:
                 "max_tokens_too_large",
                 param="max_tokens",
             )
+        bound = lim.max_tokens if want is None else want  # without max_tokens: the most a client may ask for
+        if req.min_tokens and req.min_tokens > bound:
+            over = f"max_tokens ({want})" if want is not None else f"this server's max_tokens limit ({bound})"
+            raise APIError(
+                400,
+                f"min_tokens {req.min_tokens} is over {over}; an answer is never longer than max_tokens, "
+                "so lower min_tokens",
+                "invalid_request",
+                param="min_tokens",
+            )
         stops = req.stop_list
         if len(stops) > lim.max_stop or any(not s for s in stops):
             raise APIError(400, f"stop takes up to {lim.max_stop} non-empty strings", "invalid_stop", param="stop")

@@ -338,6 +338,22 @@ def test_penalties_and_bias_change_the_output_of_a_rigged_model(stack):
     assert rep.choices[0].message.content != plain.choices[0].message.content
 
 
+@pytest.mark.parametrize(
+    "kw, over",
+    [
+        ({"max_tokens": 4, "extra_body": {"min_tokens": 10**9}}, "max_tokens (4)"),
+        ({"max_completion_tokens": 4, "extra_body": {"min_tokens": 5}}, "max_tokens (4)"),
+        ({"extra_body": {"min_tokens": 901}}, "limit (900)"),  # no max_tokens: bounded by the server's limit
+    ],
+)
+def test_min_tokens_over_max_tokens_is_400(stack, kw, over):
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(stack, **kw)
+    assert e.value.body["param"] == "min_tokens" and over in e.value.message, e.value.message
+    r = _chat(stack, max_tokens=3, extra_body={"min_tokens": 3})  # equal is fine: exactly that many tokens
+    assert r.usage.completion_tokens == 3
+
+
 def test_response_format_json_schema_is_honoured(stack):
     import json
 
