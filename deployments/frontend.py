@@ -5,6 +5,7 @@ the model deployment through a DeploymentHandle (app.py), tests build it around 
 
     POST /v1/chat/completions    chat with text and image_url parts; stream=true answers server-sent events
     GET  /v1/models              the one served model
+    GET  /v1/models/{id}         that model (404 model_not_found for any other id)
     GET  /health                 liveness of this ingress (no model call)
     GET  /ready                  readiness: the model deployment answers and its engine loop runs (503 otherwise)
 
@@ -445,18 +446,33 @@ class Frontend:
         finally:
             await _aclose(stream)
 
+    def model_card(self) -> dict:
+        return {"id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "infimm-hd"}
+
     async def models(self, request: Request) -> Response:
         try:
             self.check_auth(request)
         except APIError as err:
             self.metrics.rejected(err.code)
             return self.error_response(err)
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [{"id": self.settings.model_name, "object": "model", "created": 0, "owned_by": "infimm-hd"}],
-            }
-        )
+        return JSONResponse({"object": "list", "data": [self.model_card()]})
+
+    async def model(self, request: Request, model_id: str) -> Response:
+        """One model by id (the OpenAI client's `models.retrieve`); ids may hold '/' (`org/name`), so the route takes
+        the rest of the path."""
+        try:
+            self.check_auth(request)
+            if model_id != self.settings.model_name:
+                raise APIError(
+                    404,
+                    f"model {model_id!r} does not exist; this server serves {self.settings.model_name!r}",
+                    "model_not_found",
+                    param="model",
+                )
+        except APIError as err:
+            self.metrics.rejected(err.code)
+            return self.error_response(err)
+        return JSONResponse(self.model_card())
 
     async def ready(self) -> Response:
         try:
@@ -523,6 +539,7 @@ def make_api(frontend: Frontend) -> FastAPI:
 
     api.add_api_route("/v1/chat/completions", frontend.chat_completions, methods=["POST"])
     api.add_api_route("/v1/models", frontend.models, methods=["GET"])
+    api.add_api_route("/v1/models/{model_id:path}", frontend.model, methods=["GET"])
     api.add_api_route("/health", lambda: {"status": "ok"}, methods=["GET"])
     api.add_api_route("/ready", frontend.ready, methods=["GET"])
     return api

@@ -132,6 +132,17 @@ def test_no_api_key_configured_means_no_auth(stack):
     assert r.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_models_retrieve_with_the_official_client(stack):
+    m = stack.client.models.retrieve(MODEL)
+    assert (m.id, m.object, m.owned_by) == (MODEL, "model", "infimm-hd")
+    assert m.model_dump() == stack.client.models.list().data[0].model_dump()
+    for other in ("gpt-4o", "org/infimm-hd"):  # ids with '/' reach the model route too, not the router's 404
+        with pytest.raises(openai.NotFoundError) as e:
+            stack.client.models.retrieve(other)
+        assert (e.value.code, e.value.type, e.value.param) == ("model_not_found", "invalid_request_error", "model")
+        assert repr(other) in e.value.message and MODEL in e.value.message, e.value.message
+
+
 def test_http_image_from_an_allowed_host(stack):
     url = f"http://127.0.0.1:{stack.image_host.port}/page.png"
     via_http = stack.client.chat.completions.create(model=MODEL, messages=image_message(url, "Read."), max_tokens=8)
