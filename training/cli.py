@@ -21,7 +21,12 @@ log = logging.getLogger(__name__)
 
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="train one stage of InfiMM-HD's recipe (1 PT, 2 CPT, 3 DRA, 4 IFT) on Ray Train")
-    p.add_argument("--stage", type=int, required=True, choices=[0, 1, 2, 3, 4], help="0 JOINT: tiny-from-scratch only")
+    p.add_argument(
+        "--stage",
+        required=True,
+        choices=["vit", "lm", "0", "1", "2", "3", "4"],
+        help="vit / lm: stand-ins for EVA-CLIP and Vicuna (tiny preset, run first); 0 JOINT: tiny-from-scratch only",
+    )
     p.add_argument(
         "--preset",
         default="tiny",
@@ -39,6 +44,7 @@ def add_commands(sub) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--min-lr", type=float)
     p.add_argument("--grad-accum", type=int)
+    p.add_argument("--patch-lr-mult", type=float, help="learning-rate multiplier of the ViT patch embedding")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--max-text-len", type=int)
     p.add_argument("--gate-init", type=float, default=0.5, help="tanh gates at init (--init only; official: 0)")
@@ -48,6 +54,16 @@ def add_commands(sub) -> None:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker")
     p.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"], help="fsdp: full size on GPU workers")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    p.add_argument(
+        "--eval-data",
+        action="append",
+        default=[],
+        metavar="MANIFEST",
+        help="held-out pages for the "
+        "diagnostics logged every --diag-every steps (image gap, attention spread, gates, exact match)",
+    )
+    p.add_argument("--eval-n", type=int, default=32, help="held-out examples the diagnostics use")
+    p.add_argument("--diag-every", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--max-failures", type=int, default=2, help="worker failures survived (Ray Train FailureConfig)")
@@ -132,6 +148,7 @@ def cmd_train(args) -> int:
         grad_accum=args.grad_accum,
         grad_checkpointing=args.grad_checkpointing,
         max_text_len=args.max_text_len,
+        patch_lr_mult=args.patch_lr_mult,
     )
     output = Path(args.output)
     init = args.init
@@ -151,6 +168,9 @@ def cmd_train(args) -> int:
         log_every=args.log_every,
         threads=args.threads,
         strategy=args.strategy,
+        eval_data=[m if "://" in m else str(Path(m).resolve()) for m in args.eval_data],  # workers run elsewhere
+        eval_n=args.eval_n,
+        diag_every=args.diag_every,
     )
     _ensure_ray(args.address)
     print(

@@ -82,15 +82,24 @@ class DecodeExamples:
 
         from .modeling import encode_example
 
+        ids, labels = encode_example(self.processor, prompt, answer, self.spec.max_text_len)
+        if self.spec.objective == "text":  # language-model pretraining reads no page
+            return {
+                **dict.fromkeys(("n_views", "size", "rows", "cols"), 0),
+                "views": b"",
+                "answer": answer,
+                "input_ids": np.asarray(ids, dtype=np.int64),
+                "labels": np.asarray(labels, dtype=np.int64),
+            }
         data = self.storage.read(uri)
         doc = open_document(data, uri, DecodeConfig(windows=self.windows))
         try:
             page = cut_views(doc.page(0), self.windows)
         finally:
             doc.close()
-        ids, labels = encode_example(self.processor, prompt, answer, self.spec.max_text_len)
         v = page.views.numpy()  # (V, 3, S, S) uint8
         return {
+            "answer": answer,
             "views": v.tobytes(),
             "n_views": v.shape[0],
             "size": v.shape[-1],
@@ -114,7 +123,10 @@ def examples_from_batch(batch: dict) -> list:
     out = []
     for i in range(len(batch["n_views"])):
         v, s = int(batch["n_views"][i]), int(batch["size"][i])
-        views = torch.frombuffer(bytearray(batch["views"][i]), dtype=torch.uint8).view(v, 3, s, s)
+        if v == 0:  # the text objective decodes no page
+            views = torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+        else:
+            views = torch.frombuffer(bytearray(batch["views"][i]), dtype=torch.uint8).view(v, 3, s, s)
         out.append(
             Example(
                 input_ids=[int(x) for x in batch["input_ids"][i]],
@@ -122,6 +134,7 @@ def examples_from_batch(batch: dict) -> list:
                 views=views,
                 rows=int(batch["rows"][i]),
                 cols=int(batch["cols"][i]),
+                answer=str(batch["answer"][i]) if "answer" in batch else "",
             )
         )
     return out

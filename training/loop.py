@@ -44,6 +44,10 @@ class RunSpec:
     fail_at_step: int | None = None  # tests: the first attempt's worker exits at this step (fault injection)
     fail_marker: str | None = None  # file created when the fault fired, so the retry does not fire it again
     history: list = field(default_factory=list)
+    words: list[str] = field(default_factory=list)  # the words objective's word list (from the training manifests)
+    eval_data: list[str] = field(default_factory=list)  # held-out manifests for the diagnostics (training/diagnostics)
+    eval_n: int = 32  # held-out examples the diagnostics use
+    diag_every: int = 100  # steps between diagnostics (also at the first and last step)
 
 
 def lr_at(step: int, spec: StageSpec) -> float:
@@ -55,23 +59,48 @@ def lr_at(step: int, spec: StageSpec) -> float:
 
 
 class LossModule:
-    """Built lazily in the worker (torch imported there): wraps the model so DDP/FSDP see one forward per step."""
+    """Built lazily in the worker (torch imported there): wraps the model, and the word head of the ViT pretraining,
+    so DDP/FSDP see one forward per step."""
 
     @staticmethod
-    def make(model, vision_grad: bool):
+    def make(model, spec: StageSpec, words: list[str]):
         import torch.nn as nn
 
-        from .modeling import batch_loss
+        from .modeling import WordHead, batch_loss, text_loss, words_loss
 
         class _Loss(nn.Module):
             def __init__(self, inner):
                 super().__init__()
                 self.inner = inner
+                self.head = WordHead(words, inner.config.vision.embed_dim) if spec.objective == "words" else None
 
             def forward(self, examples):
-                return batch_loss(self.inner, examples, vision_grad)
+                if spec.objective == "words":
+                    return words_loss(self.inner, self.head, examples)
+                if spec.objective == "text":
+                    return text_loss(self.inner, examples)
+                return batch_loss(self.inner, examples, spec.train_vision)
 
+        if spec.objective == "words" and not words:
+            raise ValueError("the words objective needs the corpus's word list (RunSpec.words)")
         return _Loss(model)
+
+
+def heldout_examples(run: RunSpec) -> list:
+    """The diagnostics' held-out examples, decoded as training decodes them (empty without --eval-data)."""
+    from pipelines.storage import S3Settings, Storage
+
+    from .data import DecodeExamples, read_manifest_rows
+
+    if not run.eval_data:
+        return [], None
+    storage = Storage(S3Settings.from_env())
+    rows = [r for m in run.eval_data for r in read_manifest_rows(m, storage)][: run.eval_n]
+    decode = DecodeExamples(run.init, run.init, run.spec, S3Settings.from_env())
+    from .data import examples_from_batch
+
+    batch = decode({k: [r[k] for r in rows] for k in ("uri", "prompt", "answer")})
+    return examples_from_batch(batch), decode.processor
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -104,14 +133,20 @@ def train_loop_per_worker(config: dict) -> None:
     if spec.grad_checkpointing:
         enable_gradient_checkpointing(model)
     device = ray.train.torch.get_device()
-    module = LossModule.make(model.to(device), vision_grad=spec.train_vision)
+    module = LossModule.make(model.to(device), spec, run.words)
+    head = module.head
+    if state is not None and state.get("head") is not None:
+        head.load_state_dict(state["head"])
     if world > 1 or run.strategy == "fsdp":
         module = ray.train.torch.prepare_model(module, parallel_strategy=run.strategy, move_to_device=False)
     params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]  # no weight decay on norms, biases, gates (usual AdamW practice)
-    no_decay = [p for p in params if p.ndim < 2]
+    patch = {id(p) for p in model.vision.patch_embed.parameters()}
+    groups = {}  # (weight decay, LR multiplier) -> params; no decay on norms, biases, gates (usual AdamW practice)
+    for p in params:
+        key = (spec.weight_decay if p.ndim >= 2 else 0.0, spec.patch_lr_mult if id(p) in patch else 1.0)
+        groups.setdefault(key, []).append(p)
     opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [{"params": ps, "weight_decay": wd, "lr_mult": m} for (wd, m), ps in groups.items()],
         lr=spec.lr,
         betas=spec.betas,
         eps=spec.eps,
@@ -123,6 +158,19 @@ def train_loop_per_worker(config: dict) -> None:
     per_worker = max(1, spec.batch // world // spec.grad_accum)
     shard = ray.train.get_dataset_shard("train")
     t0, tokens, losses = time.perf_counter(), 0, []
+    heldout, processor = heldout_examples(run) if rank == 0 and run.eval_data else ([], None)
+
+    def diagnostics() -> dict:
+        from .diagnostics import diagnose
+
+        if not heldout:
+            return {}
+        d = diagnose(model, heldout, spec.objective, head=head, processor=processor)
+        log.info("stage %s step %d diagnostics %s", spec.stage, step, json.dumps(d))
+        return d
+
+    if state is None and heldout:
+        history.append({"step": 0, "stage": spec.stage, "time": time.time(), **diagnostics()})
 
     def report(final: bool = False):
         metrics = {
@@ -133,6 +181,8 @@ def train_loop_per_worker(config: dict) -> None:
             "lr": lr_at(step, spec),
             "stage": spec.stage,
         }
+        if step % run.diag_every == 0 or final:
+            metrics.update(diagnostics())
         history.append({**metrics, "time": time.time()})
         due = step % run.checkpoint_every == 0 or final
         full = full_model(module, model, run.strategy) if due else None  # FSDP: a collective, every rank joins
@@ -140,14 +190,20 @@ def train_loop_per_worker(config: dict) -> None:
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(full, d, run.init, extra={"stage": dataclasses.asdict(spec), "step": step})
                 torch.save(
-                    {"optimizer": opt.state_dict(), "step": step, "history": history}, Path(d) / "train_state.pt"
+                    {
+                        "optimizer": opt.state_dict(),
+                        "step": step,
+                        "history": history,
+                        "head": head.state_dict() if head is not None else None,
+                    },
+                    Path(d) / "train_state.pt",
                 )
                 (Path(d) / "history.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
         log.info(
-            "stage %d step %d/%d loss %.4f %.0f tok/s",
+            "stage %s step %d/%d loss %.4f %.0f tok/s",
             spec.stage,
             step,
             spec.steps,
@@ -166,7 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
                 Path(run.fail_marker).write_text(f"worker {rank} killed itself at step {step}\n")
                 os._exit(1)  # a hard worker death, as a lost node: no cleanup, no exception
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, spec)
+                g["lr"] = lr_at(step, spec) * g["lr_mult"]
             loss, n = module(examples_from_batch(batch))
             (loss / spec.grad_accum).backward()
             tokens += n
@@ -224,6 +280,16 @@ def run_stage(
     output = Path(output)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the trainer reports progress; keep logs readable
     ds = build_dataset(manifests, run.init, run.init, run.spec, run.seed)
+    if run.spec.objective == "words" and not run.words:
+        from pipelines.storage import S3Settings, Storage
+
+        from .data import read_manifest_rows
+        from .modeling import corpus_words
+
+        store = Storage(S3Settings.from_env())
+        run = dataclasses.replace(
+            run, words=corpus_words(r["answer"] for m in manifests for r in read_manifest_rows(m, store))
+        )
     storage = storage or str(output.parent / ".ray-train")
     name = run_name or f"{output.name}-stage{run.spec.stage}"
     trainer = TorchTrainer(

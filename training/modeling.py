@@ -31,6 +31,8 @@ UNUSED = ("vision.norm.", "vision.head.")
 
 # ---- freeze policy ---------------------------------------------------------------------------------------------------
 def trainable(name: str, spec: StageSpec) -> bool:
+    if spec.objective == "words":  # ViT pretraining: the whole ViT, its norm and CLIP head included, nothing else
+        return name.startswith("vision.")
     if name.startswith(UNUSED):
         return False
     if name.startswith("vision."):
@@ -145,9 +147,10 @@ class Example:
 
     input_ids: list[int]
     labels: list[int]  # IGNORE on the prompt, the token ids on the answer and its end-of-chunk
-    views: torch.Tensor  # (V, 3, S, S) uint8
+    views: torch.Tensor  # (V, 3, S, S) uint8; V = 0 for the text objective (no page decoded)
     rows: int
     cols: int
+    answer: str = ""  # the answer text (the words objective scores the page against its words)
 
 
 def encode_example(processor, prompt: str, answer: str, max_len: int) -> tuple[list[int], list[int]]:
@@ -208,6 +211,80 @@ def batch_loss(model: InfiMMHD, examples: list[Example], vision_grad: bool) -> t
     n = int((target != IGNORE).sum())
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
     return loss, n
+
+
+def text_loss(model: InfiMMHD, examples: list[Example]) -> tuple[torch.Tensor, int]:
+    """Language-model pretraining: next-token cross-entropy over every token of prompt + answer, without the page
+    (no cross-attention) -> (loss, tokens scored)."""
+    device = model.decoder.embed_tokens.weight.device
+    T = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), T), model.config.text.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[i, : len(e.input_ids)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    ctx, _ = model.prefill_inputs(ids, mask, None)
+    logits = model.decoder.lm_head(model.decode_layers(ids, ctx, None)).float()
+    target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE)
+    n = int((target != IGNORE).sum())
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE)
+    return loss, n
+
+
+def corpus_words(answers) -> list[str]:
+    """The word list of the words objective: every whitespace-separated word of the answers, sorted."""
+    return sorted({w for a in answers for w in a.split()})
+
+
+class WordHead(torch.nn.Module):
+    """The ViT pretraining's text side: one learned embedding per word of the corpus (CLIP's text tower for one-word
+    texts) and CLIP's learned temperature. Not part of the checkpoint: only the ViT it trains is kept."""
+
+    def __init__(self, words: list[str], dim: int):
+        super().__init__()
+        self.index = {w: i for i, w in enumerate(words)}
+        self.table = torch.nn.Parameter(torch.randn(len(words), dim) * 0.02)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+
+    def targets(self, examples: list[Example]) -> torch.Tensor:
+        """(B, W): each page's words, uniform; a page with no known word gets an all-zero row (not scored)."""
+        t = torch.zeros(len(examples), len(self.index))
+        for i, e in enumerate(examples):
+            known = [self.index[w] for w in e.answer.split() if w in self.index]
+            for j in known:
+                t[i, j] += 1.0 / len(known)
+        return t
+
+
+def page_embedding(model: InfiMMHD, examples: list[Example]) -> torch.Tensor:
+    """(B, embed_dim) unit vectors: the mean of every feature token of each page's views, through the ViT's final norm
+    and CLIP head. A mean is what a cross-attention query that attends evenly reads."""
+    device = model.vision.pos_embed.device
+    views = torch.cat([e.views for e in examples]).to(device)
+    feats = model.encode_views(normalize_views(views, model.vision.pos_embed.dtype))  # (sum V, N, Dv)
+    pooled, start = [], 0
+    for e in examples:
+        v = e.views.shape[0]
+        pooled.append(feats[start : start + v].mean(dim=(0, 1)))
+        start += v
+    vit = model.vision
+    return F.normalize(vit.head(vit.norm(torch.stack(pooled))).float(), dim=-1)
+
+
+def word_logits(model: InfiMMHD, head: WordHead, examples: list[Example]) -> torch.Tensor:
+    """(B, W) page-to-word similarities scaled by the learned temperature (capped at 100, as CLIP)."""
+    table = F.normalize(head.table, dim=-1)
+    return page_embedding(model, examples) @ table.T * head.logit_scale.exp().clamp(max=100.0)
+
+
+def words_loss(model: InfiMMHD, head: WordHead, examples: list[Example]) -> tuple[torch.Tensor, int]:
+    """ViT pretraining: cross-entropy of each page's embedding against the words printed on it -> (loss, pages)."""
+    target = head.targets(examples).to(head.table.device)
+    scored = target.sum(-1) > 0
+    logp = F.log_softmax(word_logits(model, head, examples), dim=-1)
+    loss = -(target * logp).sum(-1)[scored].sum() / scored.sum().clamp(min=1)
+    return loss, int(scored.sum())
 
 
 @torch.inference_mode()

@@ -14,6 +14,15 @@ betas (0.9, 0.95) eps 1e-8, the others (0.9, 0.999) eps 1e-5 (the likeliest read
 checkpointing in DRA only. The `full` presets are those numbers; the `tiny` presets keep every policy and the
 resolution step (x2 from stage 1 to 2) but halve the sizes (112 -> 224 px) and use step counts, batches and learning
 rates that train a ~1 M-parameter model on two CPU cores.
+
+The paper's stage 1 starts from EVA-CLIP (a ViT pretrained contrastively at stage 1's resolution) and Vicuna (a
+pretrained language model). A demo that starts from random weights needs both first, so the `tiny` preset has two
+pretraining stages that stand in for them, each training one component and leaving the rest untouched:
+
+* `vit` trains the ViT (its norm and CLIP head included) to say which words are on the page: the mean of its feature
+  tokens (what a cross-attention query that attends evenly reads), through its own norm and CLIP head, scored against
+  a learned embedding per word (CLIP's contrast, with a one-word text tower); position-invariant by construction.
+* `lm` trains the decoder on the corpus's prompts and answers as plain text (next token on every token, no page).
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class StageSpec:
-    stage: int
+    stage: int | str  # 0-4, or "vit" / "lm" for the pretraining stand-ins
     name: str
     train_vision: bool
     train_xattn: bool
@@ -45,12 +54,24 @@ class StageSpec:
     grad_accum: int = 1
     grad_checkpointing: bool = False
     max_text_len: int = 128  # prompt + answer tokens per example (longer ones are cut from the left of the prompt)
+    # "answer": next-token loss on the answer given page and prompt (stages 0-4); "words": the ViT pretraining
+    # objective; "text": language-model pretraining on prompt + answer without the page (see the table above)
+    objective: str = "answer"
+    patch_lr_mult: float = 1.0  # learning-rate multiplier of the ViT patch embedding (see VIT_PRE)
+
+    def __post_init__(self):
+        if self.objective not in ("answer", "words", "text"):
+            raise ValueError(f"objective must be answer, words or text, got {self.objective!r}")
 
     def replace(self, **changes) -> StageSpec:
         return dataclasses.replace(self, **changes)
 
     @property
     def policy(self) -> str:
+        if self.objective == "words":
+            return f"ViT pretraining (which words are on the page); one {self.image_size} px view"
+        if self.objective == "text":
+            return "language-model pretraining on the corpus text (no page)"
         parts = [
             f"ViT {'trained' if self.train_vision else 'frozen'}",
             f"x-attn {'trained' if self.train_xattn else 'frozen'}",
@@ -89,16 +110,52 @@ TINY = {
 # learns against a decoder that knows the answers (the first demo checkpoint stayed at chance, CER 0.86). Stage 0 JOINT
 # trains ViT + cross-attention + LLM together on 224 px pages (1x1 window grid + thumbnail), the setting of the trial
 # behind issue 14 (CER 0.08 on fixed-layout words). Stages 1-4 of this preset are the tiny ones, to run after it.
+# Stand-ins for EVA-CLIP and Vicuna (see the module docstring), run before stage 1 of the tiny preset. The ViT trains at
+# stage 1's resolution, as EVA-CLIP did at the paper's stage 1 resolution. Patch-embedding LR x0.1: at full LR it
+# learns a large response to the white page that swamps the features (reader diagnosis: rms 1 -> 21).
+VIT_PRE = StageSpec(
+    "vit",
+    "VIT-PRE",
+    True,
+    False,
+    False,
+    False,
+    112,
+    False,
+    1,
+    3000,
+    100,
+    32,
+    1e-3,
+    1e-4,
+    (0.9, 0.98),
+    1e-6,
+    weight_decay=0.05,
+    objective="words",
+    patch_lr_mult=0.1,
+)
+LM_PRE = StageSpec(
+    "lm", "LM-PRE", False, False, True, True, 112, False, 1, 600, 30, 32, 3e-3, 3e-4, *_REST, objective="text"
+)
+PRETRAIN = {"vit": VIT_PRE, "lm": LM_PRE}
 JOINT = StageSpec(0, "JOINT", True, True, True, False, 224, True, 4, 4500, 150, 8, 3e-3, 1e-4, *_REST)
 TINY_FROM_SCRATCH = {0: JOINT, **TINY}
-PRESETS = {"full": FULL, "tiny": TINY, "tiny-from-scratch": TINY_FROM_SCRATCH}
+PRESETS = {"full": FULL, "tiny": {**PRETRAIN, **TINY}, "tiny-from-scratch": TINY_FROM_SCRATCH}
 
 
-def stage_spec(stage: int, preset: str = "tiny", **overrides) -> StageSpec:
+def stage_spec(stage: int | str, preset: str = "tiny", **overrides) -> StageSpec:
+    """stage: 1-4, 0 (tiny-from-scratch only), "vit" or "lm" (tiny only; the full recipe starts from EVA-CLIP and
+    Vicuna); digits as strings are accepted (the CLI's form)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown stage preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if isinstance(stage, str) and stage.isdigit():
+        stage = int(stage)
     if stage not in PRESETS[preset]:
         zero = " (0 JOINT only in the tiny-from-scratch preset)" if stage == 0 else ""
-        raise ValueError(f"stage must be 1 (PT), 2 (CPT), 3 (DRA) or 4 (IFT){zero}, got {stage}")
+        pre = " (vit and lm only in the tiny preset: the full recipe starts from EVA-CLIP and Vicuna)"
+        raise ValueError(
+            f"stage must be 1 (PT), 2 (CPT), 3 (DRA), 4 (IFT), vit or lm{zero}{pre if stage in PRETRAIN else ''}, "
+            f"got {stage!r}"
+        )
     spec = PRESETS[preset][stage]
     return spec.replace(**{k: v for k, v in overrides.items() if v is not None})
