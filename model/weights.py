@@ -130,12 +130,21 @@ class CheckpointReader:
     def get(self, key: str) -> torch.Tensor:
         if self._bin is not None:
             return self._bin[key]
+        return self._handle(key).get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape without reading it."""
+        if self._bin is not None:
+            return tuple(self._bin[key].shape)
+        return tuple(self._handle(key).get_slice(key).get_shape())
+
+    def _handle(self, key: str):
         file = self._where[key]
         if file not in self._handles:
             from safetensors import safe_open
 
             self._handles[file] = safe_open(file, framework="pt")
-        return self._handles[file].get_tensor(key)
+        return self._handles[file]
 
 
 @dataclass
@@ -185,34 +194,53 @@ def resolve_sources(reader: CheckpointReader) -> tuple[dict[str, str], LoadRepor
 
 # ---- loading ---------------------------------------------------------------------------------------------------------
 def load_pretrained(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", strict: bool = True
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    strict: bool = True,
+    quantize: str = "none",
 ) -> InfiMMHD:
-    """Official-layout folder (config.json + weights [+ tokenizer]) -> InfiMMHD in eval mode."""
+    """Official-layout folder (config.json + weights [+ tokenizer]) -> InfiMMHD in eval mode.
+
+    quantize (`quantize.MODES`): the same strict load, each block quantized as soon as it is on the device.
+    """
+    from .quantize import check_supported, load_by_unit
+
     path = Path(path)
     cfg = InfiMMHDConfig.from_pretrained(path)
+    check_supported(quantize, device, dtype)  # before reading 36 GB
     reader = CheckpointReader(path)
     stored, report = resolve_sources(reader)
     plan = key_plan(cfg)
     with torch.device("meta"):
         model = InfiMMHD(cfg)
-    shapes = {n: p.shape for n, p in model.named_parameters()}
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     used: set[str] = set()
-    state: dict[str, torch.Tensor] = {}
+    found: dict[str, list[str]] = {}  # parameter -> stored keys, checked by shape before any tensor is read
     for name, sources in plan.items():
         if any(s not in stored for s in sources):
             report.missing.extend(s for s in sources if s not in stored)
             continue
         used.update(sources)
-        parts = [reader.get(stored[s]) for s in sources]
-        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if tensor.shape != shapes[name]:
-            report.mismatched.append(f"{name}: checkpoint {tuple(tensor.shape)} vs model {tuple(shapes[name])}")
+        parts = [reader.shape(stored[s]) for s in sources]
+        shape = (sum(p[0] for p in parts), *parts[0][1:]) if len(parts) > 1 else parts[0]
+        if shape != shapes[name] or len({p[1:] for p in parts}) > 1:
+            report.mismatched.append(f"{name}: checkpoint {' + '.join(map(str, parts))} vs model {shapes[name]}")
             continue
-        state[name] = tensor.to(device=device, dtype=dtype)
+        found[name] = sources
     report.unexpected = sorted(set(stored) - used)
     if strict and not report.ok:
         raise CheckpointError(f"{path}:\n{report}")
-    model.load_state_dict(state, strict=strict, assign=True)
+
+    def read(name: str) -> torch.Tensor:
+        parts = [reader.get(stored[s]) for s in found[name]]
+        tensor = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return tensor.to(device=device, dtype=dtype)
+
+    if quantize == "none":
+        model.load_state_dict({name: read(name) for name in found}, strict=strict, assign=True)
+    else:
+        load_by_unit(model, list(found), read, quantize, strict=strict)
     model.decoder.reset_rope(device)  # non-persistent buffer, not in the checkpoint
     model.load_report = report
     return model.eval()
