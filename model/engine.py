@@ -138,6 +138,7 @@ class EngineObserver:
     def on_decode_step(self, batch: int, seconds: float) -> None: ...
     def on_finish(self, result: Result) -> None: ...
     def on_queue(self, waiting: int, active: int) -> None: ...
+    def on_feature_cache(self, hits: int, misses: int, evictions: int, cached_bytes: int) -> None: ...
 
 
 @dataclass
@@ -185,22 +186,29 @@ class _Pending:
 
 
 class FeatureCache:
-    """Encoded pages (ViT features with the window encoding added) by `PageViews.cache_key`, LRU, bounded in bytes."""
+    """Encoded pages (ViT features with the window encoding added) by `PageViews.cache_key`, LRU, bounded in bytes.
+
+    Looking (`key in cache`, `get`) counts nothing: the engine counts `hits` and `misses` once per image of an admitted
+    request (a miss: the page went through the ViT for that request; a hit: its features were there already, in this
+    cache or encoded for another request of the same step). `evictions`: pages dropped to stay within `max_bytes`."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
         self.items: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.evictions = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.items
 
     def get(self, key: str) -> torch.Tensor | None:
         t = self.items.get(key)
-        if t is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self.items.move_to_end(key)
+        if t is not None:
+            self.items.move_to_end(key)  # most recently used
         return t
+
+    def counts(self) -> tuple[int, int, int]:
+        return self.hits, self.misses, self.evictions
 
     def put(self, key: str, t: torch.Tensor) -> None:
         size = t.numel() * t.element_size()
@@ -211,6 +219,7 @@ class FeatureCache:
         while self.bytes > self.max_bytes:
             _, old = self.items.popitem(last=False)
             self.bytes -= old.numel() * old.element_size()
+            self.evictions += 1
 
 
 class Engine:
@@ -261,6 +270,7 @@ class Engine:
         self.slots: list[_Seq | None] = [None] * S
         self.waiting: collections.deque[_Seq] = collections.deque()
         self.features = FeatureCache(config.feature_cache_mb * 2**20)
+        self._features_reported = self.features.counts()  # what the observer has been told (it gets differences)
         self.default_stop = tuple(processor.stop_token_ids)
         self.byte_ids = byte_token_ids(processor.tokenizer)
         self.sampler = BatchSampler(S, mc.text.vocab_size, self.device, processor.tokenizer, self.default_stop)
@@ -507,6 +517,8 @@ class Engine:
             "feature_cache_items": len(self.features.items),
             "feature_cache_hits": self.features.hits,
             "feature_cache_misses": self.features.misses,
+            "feature_cache_evictions": self.features.evictions,
+            "feature_cache_bytes": self.features.bytes,
             "steps": self.steps,
         }
 
@@ -531,6 +543,7 @@ class Engine:
         self.kv = self.media = None
         self._lm_weight = self._gates = self._dev_ids = None
         self.features = FeatureCache(0)
+        self._features_reported = self.features.counts()
         self._staged.clear()
 
     # ---- the loop ---------------------------------------------------------------------------------------------------
@@ -549,6 +562,14 @@ class Engine:
         if any(self.slots):
             self._decode()
         self.observer.on_queue(len(self.waiting), sum(1 for s in self.slots if s))
+        self._report_feature_cache()
+
+    def _report_feature_cache(self) -> None:
+        now, before = self.features.counts(), self._features_reported
+        if now != before:
+            self._features_reported = now
+            hits, misses, evictions = (a - b for a, b in zip(now, before, strict=True))
+            self.observer.on_feature_cache(hits, misses, evictions, self.features.bytes)
 
     def _drop_aborted(self) -> None:
         with self._lock:
@@ -563,7 +584,7 @@ class Engine:
 
     def _ready(self, seq: _Seq) -> bool:
         """Every page of the request is encoded (staged, cached or given as features)."""
-        return all(k is None or k in self._staged or k in self.features.items for k in seq.page_keys())
+        return all(k is None or k in self._staged or k in self.features for k in seq.page_keys())
 
     def _admit(self) -> list[_Seq]:
         free = [i for i, s in enumerate(self.slots) if s is None]
@@ -591,7 +612,7 @@ class Engine:
         views = 0
         for seq in upcoming:
             for page, key in zip(seq.request.images, seq.page_keys(), strict=True):
-                if key is None or key in todo or key in self._staged or key in self.features.items:
+                if key is None or key in todo or key in self._staged or key in self.features:
                     continue
                 if todo and views + page.n_views > self.config.vit_step_views:
                     break
@@ -631,12 +652,16 @@ class Engine:
     def _encode(self, seqs: list[_Seq]) -> None:
         """Media of these admitted requests: staged (interleaved ViT), cached, or encoded now, all pages together."""
         todo: dict[str, PageViews] = {}
+        cached: dict[str, torch.Tensor] = {}  # held here: encoding `todo` may evict them from the cache
         for seq in seqs:
             for page, key in zip(seq.request.images, seq.page_keys(), strict=True):
-                if key is None:
+                if key is None or key in self._staged or key in todo or key in cached:
                     continue
-                if key not in self._staged and self.features.get(key) is None and key not in todo:
+                feats = self.features.get(key)
+                if feats is None:
                     todo[key] = page
+                else:
+                    cached[key] = feats
         encoded, seconds = self._run_vit(todo) if todo else ({}, 0.0)
         charged: set[str] = set()
         for seq in seqs:
@@ -648,13 +673,18 @@ class Engine:
                 if staged is not None and not staged[2]:  # encoded a step or more ago for this request
                     staged[2] = True
                     seq.timings.encode_s = staged[1]
+                    self.features.misses += 1
                 elif key in encoded and key not in charged:  # the first request asking for a page pays its encode
                     charged.add(key)
                     seq.timings.encode_s = seconds
+                    self.features.misses += 1
                 else:  # shared: encoded for another request, or a feature-cache hit
                     seq.cached_images += 1
-                feats = staged[0] if staged is not None else encoded.get(key)
-                seq.media.append(feats if feats is not None else self.features.get(key))
+                    self.features.hits += 1
+                if staged is not None:
+                    seq.media.append(staged[0])
+                else:
+                    seq.media.append(encoded[key] if key in encoded else cached[key])
         if self._staged:  # keep staged pages only while a waiting request still needs them
             with self._lock:
                 needed = {k for s in self.waiting for k in s.page_keys()}

@@ -56,7 +56,16 @@ CATALOG: tuple[MetricSpec, ...] = (
     MetricSpec("infimm_windows_encoded", "counter", "Views (thumbnails and 448x448 windows) through the ViT"),
     MetricSpec("infimm_prompt_tokens", "counter", "Prompt tokens prefilled"),
     MetricSpec("infimm_generation_tokens", "counter", "Tokens generated"),
-    MetricSpec("infimm_feature_cache_hits", "counter", "Images whose ViT features came from the feature cache"),
+    MetricSpec(
+        "infimm_feature_cache_hits",
+        "counter",
+        "Images admitted with their ViT features already encoded (feature cache, or the same page in the same step)",
+    ),
+    MetricSpec("infimm_feature_cache_misses", "counter", "Images admitted whose page went through the ViT for them"),
+    MetricSpec(
+        "infimm_feature_cache_evictions", "counter", "Encoded pages dropped from the feature cache (LRU, byte bound)"
+    ),
+    MetricSpec("infimm_feature_cache_bytes", "gauge", "Bytes of ViT features held in the feature cache"),
     MetricSpec(
         "infimm_request_latency_seconds", "histogram", "Arrival to last token, per request", buckets=LATENCY_BUCKETS
     ),
@@ -199,12 +208,17 @@ class MetricsObserver:
         t = result.timings
         self.m.inc("infimm_requests", finish_reason=result.finish_reason)
         self.m.inc("infimm_generation_tokens", result.completion_tokens)
-        self.m.inc("infimm_feature_cache_hits", result.cached_images)
         if result.finish_reason == "abort":
             return
         self.m.observe("infimm_request_latency_seconds", t.total_s)
         self.m.observe("infimm_time_to_first_token_seconds", t.ttft_s)
         self.m.observe("infimm_queue_wait_seconds", t.queue_s)
+
+    def on_feature_cache(self, hits: int, misses: int, evictions: int, cached_bytes: int) -> None:
+        self.m.inc("infimm_feature_cache_hits", hits)
+        self.m.inc("infimm_feature_cache_misses", misses)
+        self.m.inc("infimm_feature_cache_evictions", evictions)
+        self.m.set("infimm_feature_cache_bytes", cached_bytes)
 
     def on_queue(self, waiting: int, active: int) -> None:
         self.m.set("infimm_queue_depth", waiting)

@@ -150,6 +150,41 @@ def test_one_encode_for_many_questions_on_one_page(model, processor):
     assert [r.token_ids for r in cold.generate(fresh)] == [r.token_ids for r in results]
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+def test_feature_cache_counts_hits_misses_evictions_and_bytes(model, processor, interleave):
+    """A 2 MB cache holds page A or page B, not both: A, A, B, A gives a hit, three misses and two evictions, seen
+    alike in `stats()` (what /ready shows) and in the Prometheus counters the observer feeds."""
+    import prometheus_client
+
+    from runtime.metrics import Metrics
+
+    registry = prometheus_client.CollectorRegistry()
+    config = EngineConfig(max_slots=1, max_seq_len=160, feature_cache_mb=2, interleave_vit=interleave)
+    engine = Engine(model, processor, config, observer=Metrics("batch", "prometheus", registry).engine_observer())
+    a, b = PAGES[1], PAGES[0]
+
+    def ask(png: bytes) -> Request:
+        req = engine.make_request("Read it.", [png], SamplingParams(max_new_tokens=2))
+        engine.generate([req])
+        return req
+
+    def nbytes(req: Request) -> int:  # (V*N, Dv) media of the page in the engine's dtype
+        vision = model.config.vision
+        return req.images[0].n_views * vision.tokens * model.config.vis_dim * engine.dtype.itemsize
+
+    def metric(name: str) -> float:
+        return registry.get_sample_value(name, {"frontend": "batch"}) or 0.0
+
+    size_a, size_b = nbytes(ask(a)), nbytes(ask(a))
+    assert max(size_a, size_b) <= 2 * 2**20 < size_a + nbytes(ask(b)), "the test needs pages that fit only alone"
+    ask(a)
+    s = engine.stats()
+    counts = (s["feature_cache_hits"], s["feature_cache_misses"], s["feature_cache_evictions"])
+    assert counts == (1, 3, 2) and s["feature_cache_bytes"] == size_a and s["feature_cache_items"] == 1, s
+    exported = [metric(f"infimm_feature_cache_{n}_total") for n in ("hits", "misses", "evictions")]
+    assert exported == [1, 3, 2] and metric("infimm_feature_cache_bytes") == size_a
+
+
 def test_vit_batches_pages_together_in_chunks(model, processor):
     obs = Counting()
     engine = Engine(model, processor, EngineConfig(max_slots=3, max_seq_len=160, vit_batch_views=4), observer=obs)
