@@ -1,5 +1,6 @@
 """Training recipe: freeze policies, position-embedding interpolation, stage hand-off, Ray Train with a killed worker,
-and a trained checkpoint served by the engine giving the training loop's own answer."""
+and a trained checkpoint served by the engine giving the training loop's own answer. The shipped reader's words are
+asserted in test_demo_reader.py, the pretraining stages in test_training_pretrain.py."""
 
 from __future__ import annotations
 
@@ -25,10 +26,6 @@ from training.modeling import (
     sincos_pos_embed,
 )
 from training.stages import FULL, TINY, TINY_FROM_SCRATCH, stage_spec
-
-# The demo reader on the first 12 held-out pages of its task: how many it must read exactly (eval.json next to the
-# checkpoint has its exact-match rate on 200 such pages).
-HELDOUT_PAGES, MIN_HELDOUT_RIGHT = 12, 6
 
 
 def small_config(image_size: int = 56) -> InfiMMHDConfig:
@@ -197,44 +194,6 @@ def test_engine_serving_the_trained_checkpoint_gives_the_training_loops_answer(r
         assert got == expected, f"engine {got!r} vs training loop {expected!r} for {row['uri']}"
         answers.append(got)
     assert any(answers), "the trained model answers something"
-
-
-# ---- the shipped demo reader ------------------------------------------------------------------------------------
-def demo_reader() -> Path | None:
-    from runtime.checkpoints import demo_checkpoint
-
-    return demo_checkpoint()
-
-
-@pytest.mark.skipif(
-    demo_reader() is None, reason="the demo reader does not read yet (eval.json exact match < 0.5) or is absent"
-)
-def test_batch_job_reads_held_out_pages_with_the_demo_reader(ray_session, tmp_path):
-    """The demo task's held-out pages (seed 12345, never trained on) through the batch job: the answers are the printed
-    words, and each row is the engine's own answer for that page alone."""
-    import pyarrow.parquet as pq
-
-    from model.engine import Engine
-    from pipelines.job import JobConfig, run_job
-
-    manifest = generate(tmp_path / "heldout", CorpusConfig(n=HELDOUT_PAGES, seed=12345, kinds=("word",)))
-    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
-    run_job(
-        JobConfig(
-            inputs=(str(manifest),), output=str(tmp_path / "out"), checkpoint=str(demo_reader()), max_new_tokens=8
-        ),
-        progress=False,
-    )
-    got = {Path(r["source_uri"]).name: r["text"] for r in pq.read_table(tmp_path / "out").to_pylist()}
-    engine = Engine.from_pretrained(demo_reader())
-    right = 0
-    for row in rows:
-        page = (manifest.parent / row["uri"]).read_bytes()
-        alone = engine.generate([engine.make_request(row["prompt"], [page])])[0].text
-        text = got[Path(row["uri"]).name]
-        assert text == alone, f"batch row {text!r} differs from the engine's answer {alone!r} for {row['uri']}"
-        right += text.strip() == row["answer"]
-    assert right >= MIN_HELDOUT_RIGHT, f"read {right} of {len(rows)} held-out pages exactly"
 
 
 def test_train_cli_refuses_a_missing_start_checkpoint_and_submits_the_same_command(tmp_path):
