@@ -5,6 +5,7 @@ The top of the package graph: it imports the front ends, nothing imports it.
     infimm-hd generate --checkpoint DIR --image PAGE.png --prompt "Transcribe this page."
     infimm-hd make-tiny-checkpoint DIR [--seed N] [--format safetensors|bin]
     infimm-hd convert-checkpoint SRC DST [--shard-gb 5] [--dtype bfloat16]
+    infimm-hd plan-memory --gpu-memory 24GiB [--quantize int4] [--table]   (no GPU needed)
     infimm-hd batch run|submit|status|logs ...     (pipelines/cli.py)
     infimm-hd serve ...                            (deployments/cli.py)
 """
@@ -32,7 +33,7 @@ def cmd_generate(args) -> int:
         device=args.device,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
         windows=WindowConfig(max_windows=args.max_windows),
-        config=EngineConfig(max_slots=1),
+        config=EngineConfig(max_slots=1, quantize=args.quantize, gpu_memory_utilization=args.gpu_memory_utilization),
         prompt_format=args.prompt_format,
     )
     image = Path(args.image).read_bytes()
@@ -72,6 +73,41 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_plan_memory(args) -> int:
+    from model.config import InfiMMHDConfig
+    from model.memory import fit_table, gb, parse_size, plan_memory
+
+    cfg = InfiMMHDConfig.from_pretrained(args.checkpoint) if args.checkpoint else InfiMMHDConfig.preset(args.preset)
+    lengths = dict(
+        max_seq_len=args.max_seq_len,
+        max_views=args.max_windows + 1,
+        max_slots=args.max_slots,
+        vit_batch_views=args.vit_batch_views,
+        max_prefill_batch=args.max_prefill_batch,
+        feature_cache_mb=args.feature_cache_mb,
+    )
+    if args.table:
+        rows = fit_table(cfg, utilization=args.gpu_memory_utilization, **lengths)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return 0
+        print(f"{'card':>8} {'quantize':>8} {'weights':>10} {'slots':>6} {'ViT batch':>9} {'prefill':>7}")
+        for r in rows:
+            slots = r["max_slots"] if r["fits"] else "-"
+            print(
+                f"{r['card_gib']:>4} GiB {r['quantize']:>8} {gb(r['weights']):>10} {slots:>6} "
+                f"{r['vit_batch'] if r['fits'] else '-':>9} {r['prefill_batch'] if r['fits'] else '-':>7}"
+            )
+        return 0
+    if not args.gpu_memory:
+        raise ValueError("--gpu-memory is required (e.g. 24GiB), or --table for 24/48/80 GiB")
+    plan = plan_memory(cfg, parse_size(args.gpu_memory), args.gpu_memory_utilization, quantize=args.quantize, **lengths)
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.line())
+    if not plan.fits:
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infimm-hd", description="InfiMM-HD batch and online serving")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -92,7 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    add_memory_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plan-memory", help="what fits a card: slots, ViT batch, prefill batch (no GPU needed)")
+    p.add_argument("--gpu-memory", help="the card's memory: 24GiB, 48GB, 81559MiB, ...")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4", "fp8"])
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of the card to use")
+    p.add_argument("--checkpoint", help="take the model shape from this checkpoint's config.json")
+    p.add_argument("--preset", default="infimm-hd-13b", help="model shape without --checkpoint")
+    p.add_argument("--max-seq-len", type=int, default=1024, help="prompt + new tokens per slot")
+    p.add_argument("--max-windows", type=int, default=16, help="windows per page (slots keep them + the thumbnail)")
+    p.add_argument("--max-slots", type=int, default=256, help="upper bound on decode slots")
+    p.add_argument("--vit-batch-views", type=int, default=32, help="upper bound on views per ViT forward")
+    p.add_argument("--max-prefill-batch", type=int, default=16, help="upper bound on requests prefilled together")
+    p.add_argument("--feature-cache-mb", type=int, default=1024, help="the engine's cache of encoded pages")
+    p.add_argument("--table", action="store_true", help="every mode at 24, 48 and 80 GiB")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan_memory)
 
     p = sub.add_parser("make-tiny-checkpoint", help="write a tiny RANDOM-weight checkpoint in the official layout")
     p.add_argument("dir")
@@ -120,6 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         mod.add_commands(sub)
     return parser
+
+
+def add_memory_flags(p: argparse.ArgumentParser) -> None:
+    """--quantize and --gpu-memory-utilization, the same on every command that loads the model."""
+    p.add_argument(
+        "--quantize",
+        default="none",
+        choices=["none", "int8", "int4", "fp8"],
+        help="weights: int8 (CPU and GPU), int4 (GPU, cc >= 8.0), fp8 (GPU, cc >= 8.9); see README Performance",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="size slots and the ViT batch to this fraction of the card (the slot count is then an upper bound)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

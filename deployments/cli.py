@@ -41,6 +41,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model-name", help="model id clients send (default infimm-hd)")
     p.add_argument("--max-slots", type=int, help="engine decode slots per replica")
+    p.add_argument("--quantize", choices=["none", "int8", "int4", "fp8"], help="engine weights (default none)")
+    p.add_argument("--gpu-memory-utilization", type=float, help="size each replica's engine to this share of its GPU")
     p.add_argument("--replicas", type=int, default=1, help="model replicas without --config (fixed count)")
     p.add_argument(
         "--num-gpus",
@@ -76,6 +78,10 @@ def plan(args: argparse.Namespace, gpus: float):
         app_args["model_name"] = args.model_name
     if args.max_slots:
         app_args["max_slots"] = args.max_slots
+    if args.quantize:
+        app_args["quantize"] = args.quantize
+    if args.gpu_memory_utilization:
+        app_args["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.allow_http_host:
         app_args["allowed_http_hosts"] = args.allow_http_host
     model_opts = {"ray_actor_options": {"num_gpus": gpus}}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -85,7 +86,16 @@ class ServeArgs(BaseModel):
     device: str | None = Field(None, description="cpu, cuda, cuda:1; default: cuda if the replica sees a GPU")
     dtype: str | None = Field(None, description="float32 | bfloat16; default: bfloat16 on GPU, float32 on CPU")
     prompt_format: str = "vicuna"
-    max_slots: int = Field(8, ge=1, description="engine decode slots per replica (continuous batching width)")
+    max_slots: int = Field(
+        8,
+        ge=1,
+        description="engine decode slots per replica (continuous batching width; an upper bound when "
+        "gpu_memory_utilization sizes the engine)",
+    )
+    quantize: Literal["none", "int8", "int4", "fp8"] = Field("none", description="weights (model/quantize.py)")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="size slots and the ViT batch to this fraction of the replica's GPU"
+    )
     max_seq_len: int = Field(1024, ge=16, description="prompt + new tokens per request")
     max_windows_per_image: int = Field(16, ge=1, description="WindowConfig.max_windows; the batch pipeline's default")
     max_waiting: int | None = Field(None, ge=0, description="engine queue depth at which a replica answers 503")

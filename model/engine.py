@@ -37,7 +37,9 @@ import torch.nn.functional as F
 
 from .cache import KVCache, MediaKV
 from .infimm import InfiMMHD
+from .memory import size_engine
 from .processor import ChatMessage, Processor, PromptFormat
+from .quantize import quantize_model
 from .sampling import (
     BatchSampler,
     IncrementalDetokenizer,
@@ -73,6 +75,11 @@ class EngineConfig:
     compile: bool = False  # torch.compile RMSNorm and SwiGLU (compile time dominates on the CPU)
     vocab_pad: int = 64  # output GEMM over the vocabulary padded to a multiple of this (logits sliced back); 0: off
     late_copy: bool | None = None  # sampled ids copied to the host one step late (None: on CUDA only); see _decode
+    # Memory (model/quantize.py, model/memory.py): weights quantized while loading; with gpu_memory_utilization the
+    # engine sizes max_slots, vit_batch_views and max_prefill_batch (then upper bounds) to that fraction of the card.
+    quantize: str = "none"  # none | int8 | int4 | fp8
+    gpu_memory_utilization: float | None = None
+    gpu_memory_bytes: int | None = None  # the card's size to plan for (default: the CUDA device's total)
 
 
 @dataclass
@@ -240,6 +247,9 @@ class Engine:
         if config.max_views is None:
             config = dataclasses.replace(config, max_views=processor.windows.max_windows + 1)
             self.config = config
+        quantize_model(model, config.quantize)  # no-op when loaded so (from_pretrained); refuses a mismatch
+        config, self.memory_plan = size_engine(model, config, self.device)  # may refuse: nothing fits
+        self.config = config
         self.max_media_tokens = config.max_views * mc.vision.tokens
         align = max(1, config.media_align)
         capacity = -(-self.max_media_tokens // align) * align  # buffer columns: a kernel-friendly multiple
@@ -325,7 +335,7 @@ class Engine:
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-        model = load_pretrained(checkpoint, dtype=dtype, device=device)
+        model = load_pretrained(checkpoint, dtype=dtype, device=device, quantize=config.quantize)
         processor = Processor.from_pretrained(checkpoint, windows=windows, prompt=prompt_format)
         return cls(model, processor, config, observer)
 

@@ -109,6 +109,14 @@ RUN_OPTIONS: list[tuple[str, dict]] = [
     ),
     ("--batch-size", dict(type=int, default=16, help="pages per engine call (they share GPU steps)")),
     ("--max-slots", dict(type=int, default=16, help="sequences the engine decodes together")),
+    (
+        "--quantize",
+        dict(default="none", choices=["none", "int8", "int4", "fp8"], help="engine weights (README: Performance)"),
+    ),
+    (
+        "--gpu-memory-utilization",
+        dict(type=float, default=None, help="size slots and the ViT batch to this fraction of the GPU"),
+    ),
     ("--no-resume", dict(action="store_true", help="delete the earlier parts in --output and start over")),
     ("--s3-endpoint", dict(metavar="URL", help="default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")),
     ("--s3-region", dict(help="default: AWS_REGION / AWS_DEFAULT_REGION")),
@@ -234,6 +242,8 @@ def job_config(args: argparse.Namespace):
         wait_for_resources=args.wait_for_resources,
         batch_size=args.batch_size,
         max_slots=args.max_slots,
+        quantize=args.quantize,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         resume=not args.no_resume,
         rows_per_file=args.rows_per_file,
         flush_seconds=args.flush_seconds,

@@ -43,7 +43,9 @@ class GenerateConfig:
     checkpoint: str
     max_new_tokens: int = 512
     max_windows: int = 16
-    max_slots: int = 16
+    max_slots: int = 16  # with gpu_memory_utilization: an upper bound
+    quantize: str = "none"  # weights: none | int8 | int4 | fp8 (model/quantize.py)
+    gpu_memory_utilization: float | None = None  # size slots and the ViT batch to this fraction of the card
     device: str | None = None  # None: cuda when this actor has a GPU, else cpu
     torch_threads: int | None = None  # CPU only: intra-op threads (None: torch's default)
     model_name: str | None = None  # `model` column; None: the checkpoint folder's name
@@ -105,7 +107,12 @@ class GenerateStage:
                 self.config.checkpoint,
                 device=self.device,
                 # one slot keeps the thumbnail and every window of a page
-                config=EngineConfig(max_slots=self.config.max_slots, max_views=self.config.max_windows + 1),
+                config=EngineConfig(
+                    max_slots=self.config.max_slots,
+                    max_views=self.config.max_windows + 1,
+                    quantize=self.config.quantize,
+                    gpu_memory_utilization=self.config.gpu_memory_utilization,
+                ),
                 windows=self.windows,
                 observer=self.metrics.engine_observer(),
             )

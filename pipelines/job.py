@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 # settings that change what a row contains: a resumed run with other values mixes two kinds of rows
 RESULT_SETTINGS = (
     "checkpoint",
+    "quantize",
     "max_new_tokens",
     "max_windows",
     "dpi",
@@ -75,7 +76,9 @@ class JobConfig:
     gpus_per_actor: float | None = None  # None: 1 if the cluster has GPUs, else 0 (engine on CPU)
     cpus_per_actor: float = 1.0
     batch_size: int = 16  # pages per engine call (they share ViT batches and decode steps)
-    max_slots: int = 16  # sequences the engine decodes together
+    max_slots: int = 16  # sequences the engine decodes together (an upper bound with gpu_memory_utilization)
+    quantize: str = "none"  # engine weights: none | int8 | int4 | fp8
+    gpu_memory_utilization: float | None = None  # size the engine to this fraction of its GPU
     decode_cpus: float = 1.0  # per decode task
     # Memory reserved per decode task: what a task's worker process peaked at (USS, what Ray Data compares with the
     # reservation) with the default settings, over the page kinds of benchmarks/decode_memory.py, plus a quarter.
@@ -364,6 +367,8 @@ def run_job(
         max_new_tokens=config.max_new_tokens,
         max_windows=config.max_windows,
         max_slots=config.max_slots,
+        quantize=config.quantize,
+        gpu_memory_utilization=config.gpu_memory_utilization,
         device="cpu" if config.gpus_per_actor == 0 else None,
         torch_threads=config.torch_threads,
         repetition_penalty=config.repetition_penalty,

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIRST_PARTY = ("model", "runtime", "pipelines", "deployments", "training", "cli", "demo", "benchmarks")
 # What model/ may import besides the standard library: the tensors, the images, the tokenizer and the weight files, and
 # llguidance (token masks from a JSON schema over the tokenizer's vocabulary: the sampler's constrained output).
-MODEL_THIRD_PARTY = {"torch", "numpy", "PIL", "tokenizers", "transformers", "safetensors", "llguidance"}
+MODEL_THIRD_PARTY = {"torch", "numpy", "PIL", "tokenizers", "transformers", "safetensors", "llguidance", "torchao"}
 LIBRARY = ("model", "runtime", "pipelines", "deployments", "training", "cli")
 
 
