@@ -1,0 +1,594 @@
+"""InfiMM-HD as one step of any Ray Dataset, with the shape and names of Ray's `ray.data.llm` processors.
+
+    from pipelines.processor import InfimmProcessorConfig, build_processor
+    config = InfimmProcessorConfig(checkpoint="/models/infimm-hd-13b", batch_size=16, concurrency=(1, 4),
+                                   engine_kwargs=dict(max_slots=32), max_windows=16)
+    processor = build_processor(
+        config,
+        preprocess=lambda row: dict(messages=[{"role": "user", "content": [
+            {"type": "image", "image": row["image"]}, {"type": "text", "text": "Transcribe this page."}]}],
+            sampling_params=dict(temperature=0, max_tokens=512)),
+        postprocess=lambda row: dict(text=row["generated_text"], id=row["id"]),
+    )
+    out = processor(ds)  # lazy; out.write_parquet(...)
+
+Stages (as Ray's processors: every input column is carried to the postprocess):
+
+    Preprocess     ds.map: the user's function; its output is merged into the row (Ray's `wrap_preprocess`), then
+                   `messages` and `sampling_params` are packed into one private column (images of any kind travel
+                   pickled: a Dataset column of mixed bytes / PIL / numpy images has no Arrow type)
+    Prepare        Ray tasks (CPU), one row each: resolve each image (bytes, PIL image, numpy array, `data:` URL,
+                   local path, s3:// URI; a PDF page with `"page": n`), decode it and cut its windows with the batch
+                   job's pieces (pipelines/documents.py: open_document, classify; model.windows.cut_views); check
+                   the messages and the sampling parameters
+    Engine         an actor pool (`concurrency`, `gpus_per_replica`), the batch job's GenerateStage (engine loaded
+                   once per actor, one `generate` call per batch, a failing batch retried one request at a time)
+    Postprocess    ds.map: `messages` and `sampling_params` put back, the private columns dropped, then the user's
+                   function; error rows bypass it (as Ray's `wrap_postprocess`) and keep every column
+
+Output columns of the engine stage: `generated_text`, `finish_reason`, `num_input_tokens`, `num_generated_tokens`,
+`time_taken_llm` (Ray's names), `encode_ms`, `ttft_ms`, `generate_ms` (as the batch job's), `error_type`,
+`error_message`.
+
+Bad rows: an image that cannot be read or decoded, messages the model cannot take, an unknown or invalid sampling
+parameter and a prompt too long for the engine's context give that row `error_type` / `error_message` (the batch
+job's types, pipelines/rows.py) and null text; the rest finish. `should_continue_on_error=False` raises instead
+(Ray's flag; its default there is False, here True, because one bad scan in a million should not stop a job).
+
+Why not `ray.data.llm.build_processor` itself: it dispatches on `type(config).__name__` through
+`ray.llm._internal.batch.processor.ProcessorBuilder`, and a config type can only be added with
+`ProcessorBuilder.register` and built from `StatefulStage`s (`ray.llm._internal.batch.stages`) applied with
+`Dataset.map_batches_internal`: all internal, free to change in a minor release. So `build_processor` here has the
+same signature and the same row contract, on public Ray Data calls only (`map`, `map_batches`, `ActorPoolStrategy`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import json
+import logging
+import pickle
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .documents import DecodeConfig, PdfDocument, classify, open_document
+from .generate import GenerateConfig, GenerateStage
+from .storage import S3Settings, Storage
+
+log = logging.getLogger(__name__)
+
+REQUEST = "__infimm_request"  # pickled (messages, sampling_params) of a row, from the preprocess to the postprocess
+IMAGES = "__infimm_images"  # the row's images, cut into views (Prepare -> Engine)
+PROMPT = "__infimm_prompt"  # JSON: the messages with each image replaced by its index in IMAGES
+SAMPLING = "__infimm_sampling"  # JSON: SamplingParams keyword arguments, checked
+ERROR_TYPE, ERROR_MESSAGE = "error_type", "error_message"
+PRIVATE = (REQUEST, IMAGES, PROMPT, SAMPLING)
+
+IMAGE_TYPE = pa.list_(
+    pa.struct(
+        [
+            ("views", pa.binary()),  # uint8 (V, 3, W, W)
+            ("n_views", pa.int32()),
+            ("window", pa.int32()),
+            ("rows", pa.int32()),
+            ("cols", pa.int32()),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+            ("key", pa.string()),  # the engine's feature-cache key, computed here on the CPU
+        ]
+    )
+)
+OUTPUT_COLUMNS = {
+    "generated_text": pa.string(),
+    "finish_reason": pa.string(),
+    "num_input_tokens": pa.int32(),
+    "num_generated_tokens": pa.int32(),
+    "time_taken_llm": pa.float64(),  # seconds, arrival at the engine -> last token
+    "encode_ms": pa.float64(),  # the ViT batch that included the row's images (0 when cached)
+    "ttft_ms": pa.float64(),
+    "generate_ms": pa.float64(),  # prefill + decode, steps shared with the rest of the batch included
+    ERROR_TYPE: pa.string(),
+    ERROR_MESSAGE: pa.string(),
+}
+
+# OpenAI / vLLM names -> SamplingParams fields; SamplingParams' own names are accepted too
+SAMPLING_ALIASES = {
+    "max_tokens": "max_new_tokens",
+    "max_completion_tokens": "max_new_tokens",
+    "min_tokens": "min_new_tokens",
+}
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class InfimmProcessorConfig:
+    """What `ray.data.llm`'s engine configs hold, for InfiMM-HD. `engine_kwargs` are `model.engine.EngineConfig`
+    fields (max_slots, max_seq_len, quantize, gpu_memory_utilization, ...)."""
+
+    checkpoint: str
+    batch_size: int = 16  # rows per engine call (they share ViT batches and decode steps)
+    concurrency: int | tuple[int, int] = 1  # engine replicas: n (a fixed pool) or (min, max) (autoscaling)
+    gpus_per_replica: float | None = None  # None: 1 if the cluster has GPUs when the processor is applied, else 0
+    cpus_per_replica: float = 1.0
+    accelerator_type: str | None = None  # e.g. "H100": engine replicas only on such nodes (a Ray remote option)
+    engine_kwargs: dict = field(default_factory=dict)
+    max_windows: int = 16  # 448x448 windows per image (plus the thumbnail)
+    dpi: int = 150  # PDF pages
+    max_render_pixels: int = 12_000_000  # a rendered PDF page is at most this many pixels
+    prepare_cpus: float = 1.0  # per image-decoding task
+    # Reserved per decoding task; also what keeps decoding out of the engine actors on a CPU-only cluster (Ray Data
+    # fuses stages with identical resource asks). The batch job's measured default (README, decode memory).
+    prepare_memory: int = 1536 * 2**20
+    should_continue_on_error: bool = True  # bad rows -> error_type / error_message; False: raise
+    s3: S3Settings = field(default_factory=S3Settings.from_env)  # for s3:// image URIs
+    device: str | None = None  # engine device; None: cuda when the replica has a GPU, else cpu
+    torch_threads: int | None = None  # CPU engines: intra-op threads (None: cpus_per_replica)
+    metrics: str = "ray"  # runtime.metrics backend of the engine replicas: "none" where nothing runs in Ray
+
+    def __post_init__(self):
+        c = self.concurrency
+        if isinstance(c, list):
+            object.__setattr__(self, "concurrency", c := tuple(c))
+        ok = (isinstance(c, int) and not isinstance(c, bool) and c >= 1) or (
+            isinstance(c, tuple) and len(c) == 2 and all(isinstance(x, int) for x in c) and 1 <= c[0] <= c[1]
+        )
+        if not ok:
+            raise ValueError(f"concurrency must be an int >= 1 or a (min, max) pair with 1 <= min <= max, got {c!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.checkpoint:
+            raise ValueError("checkpoint is required (a folder in the official layout)")
+        from model.engine import EngineConfig
+
+        known = {f.name for f in dataclasses.fields(EngineConfig)}
+        unknown = sorted(set(self.engine_kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown engine_kwargs {unknown}; EngineConfig takes {sorted(known)}")
+        DecodeConfig(dpi=self.dpi, max_render_pixels=self.max_render_pixels)  # its checks
+
+    @property
+    def pool(self) -> dict:
+        c = self.concurrency
+        return {"size": c} if isinstance(c, int) else {"min_size": c[0], "max_size": c[1]}
+
+    def engine_config(self):
+        from model.engine import EngineConfig
+
+        kw = {"max_views": self.max_windows + 1, **self.engine_kwargs}  # a slot keeps every view of a page
+        return EngineConfig(**kw)
+
+
+# ---- rows in: messages and sampling parameters -------------------------------------------------------------------
+def _plain(x):
+    """Values as Ray Data hands them back (numpy arrays of objects for lists, numpy scalars) -> plain Python."""
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray) and x.dtype == object:
+        return [_plain(v) for v in x]
+    if isinstance(x, tuple):
+        return list(x)
+    return x
+
+
+def sampling_kwargs(params: Mapping | None) -> dict:
+    """A row's `sampling_params` (OpenAI/vLLM names or SamplingParams' own) -> checked SamplingParams keyword
+    arguments. ValueError names an unknown parameter and lists the known ones."""
+    from model.sampling import SamplingParams
+
+    fields = {f.name for f in dataclasses.fields(SamplingParams)}
+    out: dict = {}
+    for name, value in dict(params or {}).items():
+        key = SAMPLING_ALIASES.get(name, name)
+        if key not in fields:
+            known = sorted(fields | set(SAMPLING_ALIASES))
+            raise ValueError(f"unknown sampling parameter {name!r}; known: {', '.join(known)}")
+        if key in out:
+            raise ValueError(f"sampling parameter {key!r} given twice (as {name!r} and another name)")
+        value = _plain(value)
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+        if key == "stop" and isinstance(value, str):
+            value = [value]
+        if isinstance(value, list):
+            value = tuple(value)
+        if value is not None or key in ("seed", "stop_token_ids", "json_schema"):
+            out[key] = value
+    SamplingParams(**out)  # every value check, now, with its message
+    return out
+
+
+def split_messages(messages) -> tuple[list[dict], list[tuple[Any, int | None]]]:
+    """OpenAI-style messages -> ([{role, parts: [str | {"image": i}]}], [(image, page)]). Content: a string or parts
+    `{"type": "text", "text"}`, `{"type": "image", "image": X}` (Ray's form) or `{"type": "image_url", "image_url":
+    {"url": X}}` (OpenAI's); an image part may carry `"page": n` (1-based) to pick a PDF or TIFF page."""
+    messages = _plain(messages)
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("`messages` must be a non-empty list of {role, content} (give a preprocess that builds it)")
+    turns, images = [], []
+    for m in messages:
+        m = _plain(m)
+        if not isinstance(m, Mapping) or "role" not in m:
+            raise ValueError(f"each message must be a dict with a role and content, got {type(m).__name__}")
+        if m["role"] not in ROLES:
+            raise ValueError(f"unknown role {m['role']!r}; use one of {', '.join(ROLES)}")
+        content = _plain(m.get("content"))
+        parts: list = []
+        for p in [content] if isinstance(content, str) else (content or []):
+            p = _plain(p)
+            if isinstance(p, str):
+                parts.append(p)
+                continue
+            kind = p.get("type") if isinstance(p, Mapping) else None
+            if kind == "text":
+                parts.append(str(p.get("text") or ""))
+            elif kind in ("image", "image_url"):
+                image = p.get(kind)
+                if kind == "image_url" and isinstance(image, Mapping):
+                    image = image.get("url")
+                if image is None:
+                    raise ValueError(f"a {kind!r} part without its {kind!r} value")
+                page = _plain(p.get("page"))
+                if page is not None and (not isinstance(page, int) or isinstance(page, bool) or page < 1):
+                    raise ValueError(f"an image part's page must be an integer >= 1, got {page!r}")
+                parts.append({"image": len(images)})
+                images.append((image, page))
+            else:
+                raise ValueError(f"unknown content part {p!r:.80}; use type text, image or image_url")
+        turns.append({"role": m["role"], "parts": parts})
+    return turns, images
+
+
+# ---- images ------------------------------------------------------------------------------------------------------
+def image_source(image, storage: Storage, max_bytes: int):
+    """An image as a row gives it -> (bytes or PIL image, a name for messages and the cache key). Raises ValueError
+    (or the storage's OSError) with what was wrong."""
+    from PIL import Image
+
+    image = _plain(image)
+    if isinstance(image, Mapping):  # Ray's read_images / Hugging Face datasets: {"bytes": ..., "path": ...}
+        image = image.get("bytes") or image.get("path")
+    if isinstance(image, bytes | bytearray | memoryview):
+        return bytes(image), None
+    if isinstance(image, Image.Image):
+        return image, None
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
+            raise ValueError(
+                f"a numpy image must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4), got {image.dtype} "
+                f"{tuple(image.shape)}"
+            )
+        return Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image), None
+    if isinstance(image, str):
+        if image.startswith("data:"):
+            head, _, payload = image.partition(",")
+            if not head.endswith(";base64"):
+                raise ValueError("a data: URL image must be base64 (data:image/png;base64,...)")
+            try:
+                return base64.b64decode(payload, validate=True), None
+            except binascii.Error as e:
+                raise ValueError(f"the data: URL is not valid base64: {e}") from None
+        if image.startswith(("http://", "https://")):
+            raise ValueError("http(s) image URLs are not fetched by the processor: give bytes, a path or an s3:// URI")
+        uri = image[len("file://") :] if image.startswith("file://") else image
+        return storage.read(uri, max_bytes=max_bytes), uri
+    raise ValueError(
+        f"unsupported image value of type {type(image).__name__}; give bytes, PIL, numpy, a data: URL, "
+        "a path or an s3:// URI"
+    )
+
+
+def cut_image(image, page: int | None, storage: Storage, cfg: DecodeConfig) -> dict:
+    """One image of a row -> an IMAGE_TYPE struct (views as bytes, grid, cache key)."""
+    from model.windows import cut_views, feature_key, load_image
+
+    data, uri = image_source(image, storage, cfg.max_bytes)
+    if not isinstance(data, bytes):  # a PIL image
+        if page not in (None, 1):
+            raise ValueError(f"page {page} of an in-memory image: it has one page")
+        pv = cut_views(load_image(data, cfg.windows), cfg.windows)
+        key = pv.cache_key  # a hash of the views, here rather than in the process feeding the GPU
+    else:
+        doc = open_document(data, uri or "", cfg)
+        try:
+            if page is None and doc.n_pages > 1 and isinstance(doc, PdfDocument):
+                raise ValueError(
+                    f"the PDF has {doc.n_pages} pages: give the image part a 'page' (one row per page), or use "
+                    "`infimm-hd batch run` for whole documents"
+                )
+            n = page or 1
+            if n > doc.n_pages:
+                raise ValueError(f"page {n} asked of a document of {doc.n_pages} pages")
+            pv = cut_views(doc.page(n - 1), cfg.windows)
+        finally:
+            doc.close()
+        key = feature_key(data + f"#{n}".encode(), cfg.windows)
+    return {
+        "views": pv.views.numpy().tobytes(),
+        "n_views": pv.n_views,
+        "window": pv.views.shape[-1],
+        "rows": pv.rows,
+        "cols": pv.cols,
+        "width": pv.width,
+        "height": pv.height,
+        "key": key,
+    }
+
+
+def _raise_or(config: InfimmProcessorConfig, error_type: str, message: str) -> tuple[str, str]:
+    if not config.should_continue_on_error:
+        raise ValueError(f"{error_type}: {message} (should_continue_on_error=True makes this an error row instead)")
+    from .rows import error_fields
+
+    e = error_fields(error_type, message)
+    return e[ERROR_TYPE], e[ERROR_MESSAGE]
+
+
+def _set(table: pa.Table, name: str, values: list, type_: pa.DataType) -> pa.Table:
+    col = pa.array(values, type=type_)
+    i = table.schema.get_field_index(name)
+    return table.set_column(i, name, col) if i >= 0 else table.append_column(name, col)
+
+
+# ---- the stages --------------------------------------------------------------------------------------------------
+class Preprocess:
+    """ds.map: the user's function merged into the row (Ray's contract), then the request packed into REQUEST."""
+
+    def __init__(self, fn: Callable[[dict], dict] | None):
+        self.fn = fn
+
+    def __call__(self, row: dict) -> dict:
+        row = dict(row)
+        if self.fn is not None:
+            row.update(self.fn(row))
+        request = (row.pop("messages", None), row.pop("sampling_params", None))
+        row[REQUEST] = pickle.dumps(request, protocol=pickle.HIGHEST_PROTOCOL)
+        return row
+
+
+class Prepare:
+    """Ray tasks (CPU): REQUEST -> IMAGES, PROMPT, SAMPLING, or an error. Unit tests call it on a pyarrow table."""
+
+    def __init__(self, config: InfimmProcessorConfig):
+        from model.processor import checkpoint_windows
+        from model.windows import WindowConfig
+
+        self.config = config
+        windows = checkpoint_windows(config.checkpoint, WindowConfig(max_windows=config.max_windows))
+        self.decode = DecodeConfig(windows=windows, dpi=config.dpi, max_render_pixels=config.max_render_pixels)
+        self.storage = Storage(config.s3)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        images, prompts, samplings, etypes, emessages = [], [], [], [], []
+        for raw in batch.column(REQUEST).to_pylist():
+            out = self.row(raw)
+            images.append(out[0])
+            prompts.append(out[1])
+            samplings.append(out[2])
+            etypes.append(out[3])
+            emessages.append(out[4])
+        batch = _set(batch, IMAGES, images, IMAGE_TYPE)
+        batch = _set(batch, PROMPT, prompts, pa.string())
+        batch = _set(batch, SAMPLING, samplings, pa.string())
+        batch = _set(batch, ERROR_TYPE, etypes, pa.string())
+        return _set(batch, ERROR_MESSAGE, emessages, pa.string())
+
+    def row(self, raw: bytes) -> tuple:
+        messages, params = pickle.loads(raw)
+        try:
+            turns, refs = split_messages(messages)
+            sampling = sampling_kwargs(params)
+        except ValueError as e:
+            return (None, None, None, *_raise_or(self.config, "invalid_request", str(e)))
+        cut = []
+        for i, (image, page) in enumerate(refs):
+            try:
+                cut.append(cut_image(image, page, self.storage, self.decode))
+            except ValueError as e:
+                kind = getattr(e, "kind", None) or "invalid_request"  # ImageError carries its kind
+                return (None, None, None, *_raise_or(self.config, kind, f"image {i + 1}: {e}"))
+            except Exception as e:  # noqa: BLE001 - storage and PDF failures: typed as the batch job types them
+                kind, message = classify(e)
+                return (None, None, None, *_raise_or(self.config, kind, f"image {i + 1}: {message}"))
+        return cut, json.dumps(turns), json.dumps(sampling), None, None
+
+
+class Engine(GenerateStage):
+    """The engine actor: the batch job's GenerateStage (loading, metrics, one-by-one retry of a failing batch) with
+    the engine built from the processor's settings, over rows that already hold their views and checked parameters."""
+
+    def __init__(self, config: InfimmProcessorConfig):
+        self.processor_config = config
+        threads = config.torch_threads or max(1, int(config.cpus_per_replica))
+        super().__init__(
+            GenerateConfig(
+                checkpoint=config.checkpoint,
+                max_windows=config.max_windows,
+                device=config.device,
+                torch_threads=threads,
+                metrics=config.metrics,
+            )
+        )
+        self._engine_config = config.engine_config()
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            from model.engine import Engine as InfimmEngine
+
+            self._engine = InfimmEngine.from_pretrained(
+                self.config.checkpoint,
+                device=self.device,
+                config=self._engine_config,
+                windows=self.windows,
+                observer=self.metrics.engine_observer(),
+            )
+        return self._engine
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from model.processor import ChatMessage
+        from model.sampling import SamplingParams
+        from model.windows import PageViews
+
+        n = batch.num_rows
+        cols = {name: [None] * n for name in OUTPUT_COLUMNS}
+        cols[ERROR_TYPE] = batch.column(ERROR_TYPE).to_pylist()
+        cols[ERROR_MESSAGE] = batch.column(ERROR_MESSAGE).to_pylist()
+        live, requests = [], []
+        for i, (imgs, prompt, sampling) in enumerate(
+            zip(
+                batch.column(IMAGES).to_pylist(),
+                batch.column(PROMPT).to_pylist(),
+                batch.column(SAMPLING).to_pylist(),
+                strict=True,
+            )
+        ):
+            if cols[ERROR_TYPE][i]:
+                continue
+            pages = [
+                PageViews(
+                    views=torch.frombuffer(bytearray(im["views"]), dtype=torch.uint8).view(
+                        im["n_views"], 3, im["window"], im["window"]
+                    ),
+                    rows=im["rows"],
+                    cols=im["cols"],
+                    width=im["width"],
+                    height=im["height"],
+                    key=im["key"],
+                )
+                for im in imgs
+            ]
+            turns = [
+                ChatMessage(t["role"], [p if isinstance(p, str) else pages[p["image"]] for p in t["parts"]])
+                for t in json.loads(prompt)
+            ]
+            try:
+                req = self.engine.make_chat_request(turns, SamplingParams(**json.loads(sampling)))
+                self.engine.validate(req)
+            except ValueError as e:
+                cols[ERROR_TYPE][i], cols[ERROR_MESSAGE][i] = _raise_or(
+                    self.processor_config, "invalid_request", str(e)
+                )
+                continue
+            live.append(i)
+            requests.append(req)
+        for i, res in zip(live, self._generate(requests), strict=True):
+            if isinstance(res, Exception):
+                cols[ERROR_TYPE][i], cols[ERROR_MESSAGE][i] = _raise_or(
+                    self.processor_config, "generation_error", f"{type(res).__name__}: {res}"
+                )
+                continue
+            t = res.timings
+            for name, value in (
+                ("generated_text", res.text),
+                ("finish_reason", res.finish_reason),
+                ("num_input_tokens", res.prompt_tokens),
+                ("num_generated_tokens", res.completion_tokens),
+                ("time_taken_llm", t.total_s),
+                ("encode_ms", t.encode_s * 1e3),
+                ("ttft_ms", t.ttft_s * 1e3),
+                ("generate_ms", (t.prefill_s + t.decode_s) * 1e3),
+            ):
+                cols[name][i] = value
+        for e in cols[ERROR_TYPE]:
+            self.metrics.page_done(e)
+        batch = batch.drop_columns([IMAGES, PROMPT, SAMPLING])
+        for name, type_ in OUTPUT_COLUMNS.items():
+            batch = _set(batch, name, cols[name], type_)
+        return batch
+
+
+class Postprocess:
+    """ds.map: `messages` and `sampling_params` back in the row, private columns out, then the user's function; an
+    error row bypasses it (Ray's contract: a postprocess written for answers does not crash on a row without one)."""
+
+    def __init__(self, fn: Callable[[dict], dict] | None):
+        self.fn = fn
+
+    def __call__(self, row: dict) -> dict:
+        row = dict(row)
+        messages, params = pickle.loads(row.pop(REQUEST))
+        for k in PRIVATE:
+            row.pop(k, None)
+        row["messages"], row["sampling_params"] = messages, params
+        if row.get(ERROR_TYPE) or self.fn is None:
+            return row
+        return self.fn(row)
+
+
+class Processor:
+    """preprocess -> Prepare (CPU tasks) -> Engine (actor pool) -> postprocess, applied lazily to a Dataset."""
+
+    def __init__(
+        self,
+        config: InfimmProcessorConfig,
+        preprocess: Callable[[dict], dict] | None = None,
+        postprocess: Callable[[dict], dict] | None = None,
+        preprocess_map_kwargs: dict | None = None,
+        postprocess_map_kwargs: dict | None = None,
+    ):
+        self.config = config
+        self.preprocess = Preprocess(preprocess)
+        self.postprocess = Postprocess(postprocess)
+        self.preprocess_map_kwargs = preprocess_map_kwargs or {}
+        self.postprocess_map_kwargs = postprocess_map_kwargs or {}
+
+    def list_stage_names(self) -> list[str]:
+        return ["Prepare", "Engine"]
+
+    def gpus_per_replica(self) -> float:
+        if self.config.gpus_per_replica is not None:
+            return self.config.gpus_per_replica
+        import ray
+
+        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+    def __call__(self, dataset):
+        from ray.data import ActorPoolStrategy
+
+        cfg = self.config
+        gpus = self.gpus_per_replica()
+        engine_args: dict = {"num_gpus": gpus, "num_cpus": cfg.cpus_per_replica}
+        if cfg.accelerator_type:
+            engine_args["accelerator_type"] = cfg.accelerator_type
+        if gpus == 0:  # passive OpenMP waiting leaves the cores to the decode tasks (pipelines/job.py)
+            engine_args["runtime_env"] = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+        ds = dataset.map(self.preprocess, **self.preprocess_map_kwargs)
+        ds = ds.map_batches(
+            Prepare(cfg),  # an instance: Ray tasks, as the batch job's decode stage
+            batch_size=1,  # one row per task: a row's images are its whole cost, so tasks stay even
+            batch_format="pyarrow",
+            num_cpus=cfg.prepare_cpus,
+            memory=cfg.prepare_memory,
+        )
+        ds = ds.map_batches(
+            Engine,
+            fn_constructor_args=(cfg,),
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(**cfg.pool),
+            **engine_args,
+        )
+        return ds.map(self.postprocess, **self.postprocess_map_kwargs)
+
+
+def build_processor(
+    config: InfimmProcessorConfig,
+    preprocess: Callable[[dict], dict] | None = None,
+    postprocess: Callable[[dict], dict] | None = None,
+    preprocess_map_kwargs: dict | None = None,
+    postprocess_map_kwargs: dict | None = None,
+    builder_kwargs: dict | None = None,
+) -> Processor:
+    """`ray.data.llm.build_processor`'s signature and contract for InfiMM-HD (see the module docstring for why it is
+    not registered with Ray's own). `builder_kwargs` exists for the same signature; this builder takes none."""
+    if builder_kwargs:
+        raise ValueError(f"builder_kwargs: this processor takes none, got {sorted(builder_kwargs)}")
+    return Processor(config, preprocess, postprocess, preprocess_map_kwargs, postprocess_map_kwargs)
