@@ -108,6 +108,10 @@ def test_health_ready_and_models(serve_app):
     assert ready.status_code == 200, ready.text
     assert ready.json()["engine"]["slots"] == 2 and ready.json()["engine"]["alive"] is True
     assert [m.id for m in serve_app.client.models.list().data] == [MODEL]
+    assert serve_app.client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as e:
+        serve_app.client.models.retrieve("gpt-4o")
+    assert e.value.code == "model_not_found", e.value.message
 
 
 # ---- answers ---------------------------------------------------------------------------------------------------------
