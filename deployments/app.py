@@ -23,6 +23,7 @@ import logging
 import os
 
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
@@ -128,6 +129,8 @@ class HandleModelClient:
         except asyncio.CancelledError:  # our timeout or the client went away: stop the work in the replica too
             response.cancel()
             raise
+        except TaskCancelledError:  # Serve cancelled it with its parent request (the client went away): not a failure
+            raise
         except Exception as e:  # noqa: BLE001 - every failure of the hop is translated into an APIError
             raise _translate(e) from None
 
@@ -136,7 +139,7 @@ class HandleModelClient:
         try:
             async for event in gen:
                 yield event
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, TaskCancelledError):  # the client went away (see complete)
             raise
         except Exception as e:  # noqa: BLE001 - every failure of the hop is translated into an APIError
             raise _translate(e) from None
@@ -191,7 +194,12 @@ class OpenAIIngress:
             body_timeout_s=a.body_timeout_s,
             retry_after_s=a.retry_after_s,
         )
-        self.frontend = Frontend(HandleModelClient(model), ImageFetcher(policy), settings, _metrics(a))
+        # Ray's TaskCancelledError: what Serve's ASGI `receive` raises once the proxy has dropped a disconnected
+        # client's request, and what a model call cancelled with it raises: a client leaving, not a failure
+        client = HandleModelClient(model)
+        self.frontend = Frontend(
+            client, ImageFetcher(policy), settings, _metrics(a), disconnect_errors=(TaskCancelledError,)
+        )
         log.info(
             "ingress for %r: auth %s, http image hosts %s, s3 prefixes %s",
             a.model_name,

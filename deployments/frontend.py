@@ -10,7 +10,10 @@ the model deployment through a DeploymentHandle (app.py), tests build it around 
     GET  /ready                  readiness: the model deployment answers and its engine loop runs (503 otherwise)
 
 Every error is the OpenAI body {"error": {message, type, param, code}}; 503s carry Retry-After; a request that runs past
-`request_timeout_s` is aborted in the engine and answered 504 (or, once streaming, with an error event).
+`request_timeout_s` is aborted in the engine and answered 504 (or, once streaming, with an error event). A client that
+goes away (a dropped stream, a closed connection) is a normal event: its generation is aborted, it is counted in
+`infimm_client_disconnects` and logged in one line at info, never as an unhandled error; real errors keep their
+traceback.
 
 Bounded work before the expensive part: only `application/json` bodies (415 otherwise: a browser page cannot post one
 without a CORS preflight); the body must arrive within `body_timeout_s` (408), so clients that dribble bytes free
@@ -33,6 +36,7 @@ from typing import Protocol
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from model.processor import ChatMessage
 from model.sampling import JSON_OBJECT
@@ -71,6 +75,7 @@ HONOURED: frozenset[str] = frozenset(
 )
 MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit
 PARSE_INLINE_BYTES = 64 * 1024  # bodies up to this are parsed on the event loop (~0.1 ms); larger ones in a thread
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection": what the access logs show for those
 
 
 class ModelClient(Protocol):
@@ -107,16 +112,29 @@ class FrontendSettings:
 
 
 class _NoMetrics:
+    def inc(self, *a, **k) -> None: ...
     def set(self, *a, **k) -> None: ...
     def rejected(self, *a, **k) -> None: ...
 
 
 class Frontend:
-    def __init__(self, client: ModelClient, fetcher: ImageFetcher, settings: FrontendSettings, metrics=None):
+    """`disconnect_errors`: exceptions that mean the client went away, besides Starlette's ClientDisconnect and a
+    cancelled task; the Serve ingress adds Ray's TaskCancelledError (its ASGI `receive` raises it once the proxy drops
+    the request, and a model call cancelled with its parent request raises it too)."""
+
+    def __init__(
+        self,
+        client: ModelClient,
+        fetcher: ImageFetcher,
+        settings: FrontendSettings,
+        metrics=None,
+        disconnect_errors: tuple[type[Exception], ...] = (),
+    ):
         self.client = client
         self.fetcher = fetcher
         self.settings = settings
         self.metrics = metrics or _NoMetrics()
+        self.disconnect_errors = (ClientDisconnect, *disconnect_errors)
         self.ongoing = 0
         self.buffered = 0  # bytes of request bodies being read or parsed right now
 
@@ -202,6 +220,11 @@ class Frontend:
     def _set_ongoing(self, delta: int) -> None:
         self.ongoing += delta
         self.metrics.set("infimm_ongoing_requests", self.ongoing)
+
+    def client_gone(self, request_id: str, when: str) -> None:
+        """A client that left: counted and logged in one line (no traceback: nothing failed here)."""
+        self.metrics.inc("infimm_client_disconnects")
+        log.info("request %s: the client went away %s; its generation is aborted", request_id, when)
 
     # ---- request -> payload ------------------------------------------------------------------------------------------
     def check_request(self, req: ChatCompletionRequest) -> None:
@@ -379,14 +402,17 @@ class Frontend:
                     raise APIError.from_event(first)
                 include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-                async def close() -> None:  # after the response, however it ended (even if the body never started)
+                async def close(client_gone: bool) -> None:  # after the response, however it ended
                     await _aclose(stream)
                     self._set_ongoing(-1)
+                    if client_gone:
+                        self.client_gone(request_id, "during its stream")
 
                 handed_to_stream = True
                 return _ClosingStreamingResponse(
                     self._sse(stream, request_id, include_usage, deadline),
                     close,
+                    self.disconnect_errors,
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
                 )
@@ -403,6 +429,12 @@ class Frontend:
             if err.status >= 500:
                 log.warning("request %s: %d %s", request_id, err.status, err.message)
             return self.error_response(err)
+        except asyncio.CancelledError:  # Serve cancels the request's task when its client disconnects
+            self.client_gone(request_id, "before its answer")
+            raise
+        except self.disconnect_errors:  # reading the body, or a model call cancelled with this request
+            self.client_gone(request_id, "before its answer")
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it; it keeps the server's own logs quiet
         finally:
             if not handed_to_stream:
                 self._set_ongoing(-1)
@@ -489,18 +521,37 @@ class Frontend:
 
 
 class _ClosingStreamingResponse(StreamingResponse):
-    """A StreamingResponse that runs `on_close` once it is done, also when the client left before the body started
-    (then Starlette never iterates the body, and nothing else would close the model stream)."""
+    """A StreamingResponse that runs `on_close(client_gone)` once it is done, also when the client left before the body
+    started (then Starlette never iterates the body, and nothing else would close the model stream).
 
-    def __init__(self, content, on_close, **kwargs):
-        super().__init__(content, **kwargs)
+    The client is gone when the body did not run to its end and nothing failed: Starlette saw `http.disconnect` and
+    cancelled the body quietly, the task was cancelled (Serve), or `receive`/`send` raised one of `disconnect_errors`,
+    which end the response here instead of reaching the unhandled-error handler."""
+
+    def __init__(self, content, on_close, disconnect_errors: tuple[type[Exception], ...], **kwargs):
+        super().__init__(self._until_end(content), **kwargs)
         self._on_close = on_close
+        self._disconnect_errors = disconnect_errors
+        self._body_ended = False
+
+    async def _until_end(self, content: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in content:
+            yield chunk
+        self._body_ended = True
 
     async def __call__(self, scope, receive, send) -> None:
+        failed = False
         try:
             await super().__call__(scope, receive, send)
+        except asyncio.CancelledError:
+            raise
+        except self._disconnect_errors:
+            pass
+        except BaseException:
+            failed = True
+            raise
         finally:
-            await self._on_close()
+            await self._on_close(not failed and not self._body_ended)
 
 
 async def _aclose(stream) -> None:

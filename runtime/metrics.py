@@ -53,6 +53,11 @@ CATALOG: tuple[MetricSpec, ...] = (
         "Requests refused before generation (4xx/503), by reason",
         ("frontend", "reason"),
     ),
+    MetricSpec(
+        "infimm_client_disconnects",
+        "counter",
+        "Requests whose client went away before the answer was complete (dropped stream, closed connection)",
+    ),
     MetricSpec("infimm_windows_encoded", "counter", "Views (thumbnails and 448x448 windows) through the ViT"),
     MetricSpec("infimm_prompt_tokens", "counter", "Prompt tokens prefilled"),
     MetricSpec("infimm_generation_tokens", "counter", "Tokens generated"),

@@ -245,10 +245,11 @@ def test_names_prometheus_scraped_are_the_documented_ones(prometheus, traffic):
     documented = set(re.findall(r"`(ray_infimm_[a-z_]+)`", (ROOT / "README.md").read_text()))
     assert scraped <= documented, f"exported but not documented: {scraped - documented}"
     # everything a CPU run can produce was seen (GPU memory needs a GPU; cache hits and evictions need repeated pages
-    # or a full cache)
+    # or a full cache; disconnects a client that leaves)
     rare = {
         "ray_infimm_gpu_memory_bytes",
         "ray_infimm_feature_cache_hits_total",
         "ray_infimm_feature_cache_evictions_total",
+        "ray_infimm_client_disconnects_total",
     }
     assert documented - scraped <= rare, documented - scraped

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import time
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
@@ -560,6 +561,46 @@ def test_64_clients_twice_get_200_or_503_with_retry_after(serve_app):
         "OpenAIIngress": "HEALTHY",
     }
     assert serve_app.client.chat.completions.create(**text_request(max_tokens=3)).usage.completion_tokens >= 1
+
+
+def _ray_log_count(text: str) -> int:
+    """Occurrences of `text` in this Ray session's log files (replica logs and worker stdout/stderr)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return sum(f.read_bytes().count(text.encode()) for f in logs.rglob("*") if f.is_file())
+
+
+def test_dropped_streams_are_counted_and_not_logged_as_errors(serve_app, ray_metrics_port):
+    """Clients that close their streams mid-answer: counted in ray_infimm_client_disconnects_total, never logged as
+    "unhandled error" with a TaskCancelledError traceback (Serve's ASGI receive raises it once the proxy has dropped
+    the request). The one info line per disconnect does not reach the replica logs: Ray leaves the root logger at
+    WARNING there."""
+    unhandled, cancelled = _ray_log_count("unhandled error"), _ray_log_count("TaskCancelledError")
+    before = _count(scrape(ray_metrics_port) or [], "ray_infimm_client_disconnects_total")
+
+    async def drop(n_chunks: int):
+        client = _async_client(serve_app)
+        try:
+            stream = await client.chat.completions.create(
+                **text_request(max_tokens=400, stream=True, extra_body={"ignore_eos": True})
+            )
+            i = 0
+            async for _ in stream:
+                i += 1
+                if i == n_chunks:
+                    break
+            await stream.close()
+        finally:
+            await client.close()
+
+    async def main():
+        await asyncio.gather(drop(2), drop(5), drop(9))
+
+    asyncio.run(main())
+    counted = lambda: _count(scrape(ray_metrics_port) or [], "ray_infimm_client_disconnects_total") >= before + 3  # noqa: E731
+    wait_for(counted, 60, 1.0, "three disconnects in the metrics")
+    assert (_ray_log_count("unhandled error"), _ray_log_count("TaskCancelledError")) == (unhandled, cancelled)
 
 
 # ---- metrics ---------------------------------------------------------------------------------------------------------

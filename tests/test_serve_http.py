@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import logging
 import threading
 import time
 from types import SimpleNamespace
@@ -218,6 +219,24 @@ def test_stream_timeout_ends_with_an_error_event_and_aborts(stack):
     assert got and got[0].choices[0].delta.role == "assistant"
     wait_for(lambda: engine_idle(stack), 30, 0.1, "engine idle after the stream timeout")
     assert metric(stack, "infimm_requests_total", finish_reason="abort") == before + 1
+
+
+def test_a_dropped_stream_is_aborted_counted_and_logged_without_a_traceback(stack, caplog):
+    """The official client closes a stream after a few chunks: the generation is aborted, the disconnect counted and
+    logged in one line at info, and nothing is logged as an error."""
+    gone = metric(stack, "infimm_client_disconnects_total")
+    aborted = metric(stack, "infimm_requests_total", finish_reason="abort")
+    with caplog.at_level(logging.DEBUG):
+        stream = stack.client.chat.completions.create(**long_request(stream=True))
+        for i, _ in enumerate(stream):
+            if i == 3:
+                break
+        stream.close()  # mid-answer: the connection is dropped
+        wait_for(lambda: engine_idle(stack), 60, 0.1, "engine idle after the dropped stream")
+        wait_for(lambda: metric(stack, "infimm_client_disconnects_total") == gone + 1, 30, 0.1, "disconnect counted")
+    assert metric(stack, "infimm_requests_total", finish_reason="abort") == aborted + 1
+    assert [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING] == []
+    assert [r.levelname for r in caplog.records if "went away" in r.getMessage()] == ["INFO"]
 
 
 def test_full_engine_queue_answers_503_with_retry_after(stack):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 
 import pytest
 
@@ -266,3 +268,136 @@ def test_image_errors_carry_no_object_addresses():
         open_image(svg)
     err = image_error(e.value)
     assert err.status == 400 and " at 0x" not in err.message and "0x" not in err.message, err.message
+
+
+# ---- clients that leave ----------------------------------------------------------------------------------------------
+class _EndlessModel:
+    """A ModelClient whose stream never ends (or fails after its first event, with `fail`); counts closed streams."""
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+        self.closed = 0
+
+    async def complete(self, payload):
+        raise AssertionError("only streams here")
+
+    async def stream(self, payload):
+        try:
+            yield {"event": "delta", "text": "a"}
+            if self.fail:
+                raise RuntimeError("a real bug")
+            while True:
+                await asyncio.sleep(0.005)
+                yield {"event": "delta", "text": "b"}
+        finally:
+            self.closed += 1
+
+    async def stats(self):
+        return {}
+
+
+def _ingress(model):
+    """make_api around `model` as the Serve ingress builds it (Ray's TaskCancelledError means a client left), and a
+    function reading the disconnect counter."""
+    import prometheus_client
+    from ray.exceptions import TaskCancelledError
+
+    from deployments.frontend import Frontend, FrontendSettings, make_api
+    from runtime.metrics import Metrics
+
+    registry = prometheus_client.CollectorRegistry()
+    metrics = Metrics(frontend="serve", backend="prometheus", registry=registry)
+    fetcher = ImageFetcher(ImagePolicy(1000, WindowConfig()))
+    frontend = Frontend(model, fetcher, FrontendSettings(), metrics, disconnect_errors=(TaskCancelledError,))
+    gone = lambda: registry.get_sample_value("infimm_client_disconnects_total", {"frontend": "serve"}) or 0.0  # noqa: E731
+    return make_api(frontend), gone
+
+
+STREAM_BODY = b'{"model": "infimm-hd", "messages": [{"role": "user", "content": "Hi"}], "stream": true}'
+
+
+def _call(app, body: bytes, then, more_body: bool = False) -> list[dict]:
+    """One POST /v1/chat/completions through the ASGI app as Serve's replica drives it (spec 2.1: Starlette listens
+    for the disconnect while it streams): `body` first, then `await then(sent)` answers every later `receive`.
+    Returns the messages sent."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.1"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    sent: list[dict] = []
+    first = True
+
+    async def receive():
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": body, "more_body": more_body}
+        return await then(sent)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    return sent
+
+
+def _tracebacks(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.exc_info or "unhandled" in r.getMessage()]
+
+
+def test_a_dropped_stream_is_counted_and_logged_in_one_line_without_a_traceback(caplog):
+    """Serve's ASGI `receive` raises Ray's TaskCancelledError once the proxy has dropped a disconnected client's
+    request; that reached the unhandled-error handler and logged a traceback an operator would page on."""
+    from ray.exceptions import TaskCancelledError
+
+    async def proxy_dropped_the_request(sent):
+        while sum(m["type"] == "http.response.body" for m in sent) < 3:  # a few chunks reached the client
+            await asyncio.sleep(0.005)
+        raise TaskCancelledError()
+
+    model = _EndlessModel()
+    app, gone = _ingress(model)
+    with caplog.at_level(logging.DEBUG):
+        sent = _call(app, STREAM_BODY, proxy_dropped_the_request)
+    assert sent[0]["status"] == 200 and len(sent) >= 4
+    assert gone() == 1 and model.closed == 1  # counted once; the model stream closed (that aborts in the engine)
+    assert _tracebacks(caplog) == []
+    assert [r.levelname for r in caplog.records if "went away" in r.getMessage()] == ["INFO"]
+
+
+@pytest.mark.parametrize("how", ["http.disconnect", "TaskCancelledError"])
+def test_a_client_gone_while_sending_its_body_is_counted_without_a_traceback(caplog, how):
+    from ray.exceptions import TaskCancelledError
+
+    async def left(sent):
+        if how == "TaskCancelledError":
+            raise TaskCancelledError()
+        return {"type": "http.disconnect"}  # Starlette raises ClientDisconnect
+
+    app, gone = _ingress(_EndlessModel())
+    with caplog.at_level(logging.DEBUG):
+        sent = _call(app, b'{"model": "infimm-hd", ', left, more_body=True)
+    assert gone() == 1 and sent[0]["status"] == 499
+    assert _tracebacks(caplog) == []
+
+
+def test_a_real_error_in_a_stream_still_logs_its_traceback(caplog):
+    async def stays(sent):
+        await asyncio.sleep(3600)
+
+    model = _EndlessModel(fail=True)
+    app, gone = _ingress(model)
+    with caplog.at_level(logging.DEBUG), pytest.raises(RuntimeError, match="a real bug"):
+        _call(app, STREAM_BODY, stays)
+    assert gone() == 0 and model.closed == 1
+    assert any(r.exc_info and "unhandled error" in r.getMessage() for r in caplog.records), _tracebacks(caplog)
