@@ -23,6 +23,8 @@ Stages (as Ray's processors: every input column is carried to the postprocess):
                    the messages and the sampling parameters
     Engine         an actor pool (`concurrency`, `gpus_per_replica`), the batch job's GenerateStage (engine loaded
                    once per actor, one `generate` call per batch, a failing batch retried one request at a time)
+    (or Server     with `server`: light client workers send the rows to a running Serve app of ours, images as data:
+                   URLs, 503s retried; pipelines/replicas.py)
     Postprocess    ds.map: `messages` and `sampling_params` put back, the private columns dropped, then the user's
                    function; error rows bypass it (as Ray's `wrap_postprocess`) and keep every column
 
@@ -47,6 +49,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import io
 import json
 import logging
 import pickle
@@ -59,16 +62,18 @@ import pyarrow as pa
 
 from .documents import DecodeConfig, PdfDocument, classify, open_document
 from .generate import GenerateConfig, GenerateStage
+from .replicas import ServerSettings, ServerStage
 from .storage import S3Settings, Storage
 
 log = logging.getLogger(__name__)
 
 REQUEST = "__infimm_request"  # pickled (messages, sampling_params) of a row, from the preprocess to the postprocess
 IMAGES = "__infimm_images"  # the row's images, cut into views (Prepare -> Engine)
+URLS = "__infimm_urls"  # or, for a server, as data: URLs (Prepare -> Server)
 PROMPT = "__infimm_prompt"  # JSON: the messages with each image replaced by its index in IMAGES
 SAMPLING = "__infimm_sampling"  # JSON: SamplingParams keyword arguments, checked
 ERROR_TYPE, ERROR_MESSAGE = "error_type", "error_message"
-PRIVATE = (REQUEST, IMAGES, PROMPT, SAMPLING)
+PRIVATE = (REQUEST, IMAGES, URLS, PROMPT, SAMPLING)
 
 IMAGE_TYPE = pa.list_(
     pa.struct(
@@ -96,6 +101,7 @@ OUTPUT_COLUMNS = {
     ERROR_TYPE: pa.string(),
     ERROR_MESSAGE: pa.string(),
 }
+SERVER_COLUMNS = {**OUTPUT_COLUMNS, "attempts": pa.int32()}  # HTTP attempts, 503 retries included
 
 # OpenAI / vLLM names -> SamplingParams fields; SamplingParams' own names are accepted too
 SAMPLING_ALIASES = {
@@ -130,6 +136,10 @@ class InfimmProcessorConfig:
     device: str | None = None  # engine device; None: cuda when the replica has a GPU, else cpu
     torch_threads: int | None = None  # CPU engines: intra-op threads (None: cpus_per_replica)
     metrics: str = "ray"  # runtime.metrics backend of the engine replicas: "none" where nothing runs in Ray
+    # Batch through running replicas (pipelines/replicas.py): rows go to this Serve app's OpenAI endpoint; no engine
+    # actors start, `concurrency` is then the number of client workers (each `server.requests_in_flight` at a time)
+    server: ServerSettings | None = None
+    client_cpus: float = 0.25  # per client worker (it waits on HTTP)
 
     def __post_init__(self):
         c = self.concurrency
@@ -283,31 +293,42 @@ def image_source(image, storage: Storage, max_bytes: int):
     )
 
 
-def cut_image(image, page: int | None, storage: Storage, cfg: DecodeConfig) -> dict:
-    """One image of a row -> an IMAGE_TYPE struct (views as bytes, grid, cache key)."""
-    from model.windows import cut_views, feature_key, load_image
+def load_page(image, page: int | None, storage: Storage, cfg: DecodeConfig):
+    """One image of a row -> (its RGB page, the original bytes when they are one encoded single-page image else None,
+    their PIL format, a cache name: the bytes and page number, or None for an in-memory image)."""
+    from model.windows import load_image
 
     data, uri = image_source(image, storage, cfg.max_bytes)
     if not isinstance(data, bytes):  # a PIL image
         if page not in (None, 1):
             raise ValueError(f"page {page} of an in-memory image: it has one page")
-        pv = cut_views(load_image(data, cfg.windows), cfg.windows)
-        key = pv.cache_key  # a hash of the views, here rather than in the process feeding the GPU
-    else:
-        doc = open_document(data, uri or "", cfg)
-        try:
-            if page is None and doc.n_pages > 1 and isinstance(doc, PdfDocument):
-                raise ValueError(
-                    f"the PDF has {doc.n_pages} pages: give the image part a 'page' (one row per page), or use "
-                    "`infimm-hd batch run` for whole documents"
-                )
-            n = page or 1
-            if n > doc.n_pages:
-                raise ValueError(f"page {n} asked of a document of {doc.n_pages} pages")
-            pv = cut_views(doc.page(n - 1), cfg.windows)
-        finally:
-            doc.close()
-        key = feature_key(data + f"#{n}".encode(), cfg.windows)
+        return load_image(data, cfg.windows), None, None, None
+    doc = open_document(data, uri or "", cfg)
+    try:
+        if page is None and doc.n_pages > 1 and isinstance(doc, PdfDocument):
+            raise ValueError(
+                f"the PDF has {doc.n_pages} pages: give the image part a 'page' (one row per page), or use "
+                "`infimm-hd batch run` for whole documents"
+            )
+        n = page or 1
+        if n > doc.n_pages:
+            raise ValueError(f"page {n} asked of a document of {doc.n_pages} pages")
+        rgb = doc.page(n - 1)  # decoded in full here: a corrupt image is this row's error, found on the CPU
+        single = isinstance(doc, PdfDocument) is False and doc.n_pages == 1
+        fmt = None if isinstance(doc, PdfDocument) else doc.image.format
+    finally:
+        doc.close()
+    return rgb, (data if single else None), fmt, data + f"#{n}".encode()
+
+
+def cut_image(image, page: int | None, storage: Storage, cfg: DecodeConfig) -> dict:
+    """One image of a row -> an IMAGE_TYPE struct (views as bytes, grid, cache key)."""
+    from model.windows import cut_views, feature_key
+
+    rgb, _, _, name = load_page(image, page, storage, cfg)
+    pv = cut_views(rgb, cfg.windows)
+    # a hash of the file and page, or of the views (in-memory images), here rather than in the process feeding the GPU
+    key = feature_key(name, cfg.windows) if name else pv.cache_key
     return {
         "views": pv.views.numpy().tobytes(),
         "n_views": pv.n_views,
@@ -318,6 +339,20 @@ def cut_image(image, page: int | None, storage: Storage, cfg: DecodeConfig) -> d
         "height": pv.height,
         "key": key,
     }
+
+
+def image_url(image, page: int | None, storage: Storage, cfg: DecodeConfig) -> str:
+    """One image of a row -> a data: URL for a server: the original file when it is one encoded single-page image in
+    a format the server reads, else the decoded page as PNG (lossless: the server cuts the same views)."""
+    from PIL import Image
+
+    rgb, original, fmt, _ = load_page(image, page, storage, cfg)
+    mime = Image.MIME.get(fmt or "")
+    if original is None or fmt not in ("PNG", "JPEG", "WEBP", "BMP", "GIF") or not mime:
+        buf = io.BytesIO()
+        rgb.save(buf, "PNG", compress_level=1)  # fast: the bytes only cross the network once
+        original, mime = buf.getvalue(), "image/png"
+    return f"data:{mime};base64," + base64.b64encode(original).decode()
 
 
 def _raise_or(config: InfimmProcessorConfig, error_type: str, message: str) -> tuple[str, str]:
@@ -372,7 +407,8 @@ class Prepare:
             samplings.append(out[2])
             etypes.append(out[3])
             emessages.append(out[4])
-        batch = _set(batch, IMAGES, images, IMAGE_TYPE)
+        to_server = self.config.server is not None
+        batch = _set(batch, URLS if to_server else IMAGES, images, pa.list_(pa.string()) if to_server else IMAGE_TYPE)
         batch = _set(batch, PROMPT, prompts, pa.string())
         batch = _set(batch, SAMPLING, samplings, pa.string())
         batch = _set(batch, ERROR_TYPE, etypes, pa.string())
@@ -388,7 +424,8 @@ class Prepare:
         cut = []
         for i, (image, page) in enumerate(refs):
             try:
-                cut.append(cut_image(image, page, self.storage, self.decode))
+                prepare = image_url if self.config.server is not None else cut_image
+                cut.append(prepare(image, page, self.storage, self.decode))
             except ValueError as e:
                 kind = getattr(e, "kind", None) or "invalid_request"  # ImageError carries its kind
                 return (None, None, None, *_raise_or(self.config, kind, f"image {i + 1}: {e}"))
@@ -505,6 +542,30 @@ class Engine(GenerateStage):
         return batch
 
 
+class Server(ServerStage):
+    """Client worker for running replicas: the prepared rows -> the engine stage's columns (+ `attempts`)."""
+
+    def __init__(self, config: InfimmProcessorConfig):
+        super().__init__(config.server, continue_on_error=config.should_continue_on_error)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        answers = self.answers(
+            batch.column(PROMPT).to_pylist(),
+            batch.column(URLS).to_pylist(),
+            batch.column(SAMPLING).to_pylist(),
+            batch.column(ERROR_TYPE).to_pylist(),
+        )
+        errors = batch.column(ERROR_TYPE).to_pylist(), batch.column(ERROR_MESSAGE).to_pylist()
+        batch = batch.drop_columns([URLS, PROMPT, SAMPLING])
+        for name, type_ in SERVER_COLUMNS.items():
+            values = [a.get(name) for a in answers]
+            if name in (ERROR_TYPE, ERROR_MESSAGE):  # the Prepare stage's, else the server's verdict
+                earlier = errors[0] if name == ERROR_TYPE else errors[1]
+                values = [e or v for e, v in zip(earlier, values, strict=True)]
+            batch = _set(batch, name, values, type_)
+        return batch
+
+
 class Postprocess:
     """ds.map: `messages` and `sampling_params` back in the row, private columns out, then the user's function; an
     error row bypasses it (Ray's contract: a postprocess written for answers does not crash on a row without one)."""
@@ -554,7 +615,7 @@ class Processor:
         from ray.data import ActorPoolStrategy
 
         cfg = self.config
-        gpus = self.gpus_per_replica()
+        gpus = 0.0 if cfg.server is not None else self.gpus_per_replica()
         engine_args: dict = {"num_gpus": gpus, "num_cpus": cfg.cpus_per_replica}
         if cfg.accelerator_type:
             engine_args["accelerator_type"] = cfg.accelerator_type
@@ -568,6 +629,16 @@ class Processor:
             num_cpus=cfg.prepare_cpus,
             memory=cfg.prepare_memory,
         )
+        if cfg.server is not None:  # running replicas answer: light client workers instead of engine actors
+            ds = ds.map_batches(
+                Server,
+                fn_constructor_args=(cfg,),
+                batch_size=cfg.batch_size,
+                batch_format="pyarrow",
+                compute=ActorPoolStrategy(**cfg.pool),
+                num_cpus=cfg.client_cpus,
+            )
+            return ds.map(self.postprocess, **self.postprocess_map_kwargs)
         ds = ds.map_batches(
             Engine,
             fn_constructor_args=(cfg,),
