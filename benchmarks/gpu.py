@@ -14,7 +14,11 @@ several KV buckets, ids and logits), model build, ViT
 TFLOP/s (and once forced onto the flash kernel), batch-1 decode ms/token against its bandwidth floor (and one step
 forced onto the fused kernels), the standard job (1344x1344 page = thumbnail + 3x3 windows, 48-token prompt, 256 new
 tokens forced) at the largest batch with a one-step profiler kernel table, the check that every hot-path switch on/off
-gives the same ids (tiny size), the other batch sizes, then each hot-path switch flipped against the default.
+gives the same ids (tiny size), the other batch sizes, then each quantization mode (`quantized/<mode>`: refused with
+its reason where the card cannot run it; else weights built block by block and quantized as the loader does, ViT
+TFLOP/s, batch-1 decode, and one standard-job wave on an engine that sized itself with --gpu-memory-utilization 0.9,
+its plan line and planned bytes against the measured peak), then each hot-path switch flipped against the default.
+Every standard-job summary also holds the memory plan of its settings against the measured peak (`memory_plan`).
 
 Every section and every wave runs in its own `try`: a failure is recorded with its traceback and the run goes on.
 The JSON is written atomically after each step; `--deadline-s` skips what no longer fits and, as a last resort, a
@@ -45,6 +49,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from benchmarks.common import environment  # noqa: E402
 from model import InfiMMHD, InfiMMHDConfig, Processor  # noqa: E402
 from model.engine import EncodedImage, Engine, EngineConfig, EngineObserver, Request  # noqa: E402
+from model.memory import GiB, plan_for_engine, weight_bytes  # noqa: E402
+from model.quantize import check_supported, load_by_unit, model_bytes  # noqa: E402
 from model.sampling import SamplingParams  # noqa: E402
 from model.tokenizer import load_tokenizer, save_tiny_tokenizer  # noqa: E402
 from model.windows import PageViews, normalize_views  # noqa: E402
@@ -573,11 +579,115 @@ def standard_job(run: Run, model, cfg, proc, args, pages, B: int, device, waves:
             summary["pages_per_s"] = last["pages_per_s"]
         if device.type == "cuda":
             summary["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        summary["memory_plan"] = plan_check(eng, device)
         run.do(("standard_job", key, "summary"), lambda: summary)
         return eng
     except Exception:
         eng.close()
         raise
+
+
+QUANT_MODES = ("int8", "int4", "fp8")
+CPU_CARD = 4 * GiB  # the card the CPU smoke run pretends to have when an engine sizes itself
+
+
+def plan_check(eng: Engine, device) -> dict:
+    """The plan of this engine's settings (as given, on the whole card) against the peak the allocator saw."""
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else CPU_CARD
+    p = eng.model.decoder.embed_tokens.weight
+    plan = eng.memory_plan or plan_for_engine(
+        eng.model.config,
+        eng.config,
+        total,
+        model_bytes(eng.model),
+        getattr(eng.model, "quantization", "none"),
+        p.element_size(),
+    )
+    out = {"line": plan.line(), "planned_bytes": plan.need, "card_bytes": total}
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        out.update(measured_peak_bytes=peak, peak_over_plan=peak / plan.need)
+    return out
+
+
+def build_quantized(cfg: InfiMMHDConfig, device, dtype, mode: str) -> InfiMMHD:
+    """Random weights made block by block on the device and quantized as each block is made: the loader's path
+    (weights.load_pretrained -> quantize.load_by_unit), so the bf16 model never exists next to the quantized one."""
+    with torch.device("meta"):
+        model = InfiMMHD(cfg)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+
+    def read(name: str) -> torch.Tensor:
+        t = torch.empty(shapes[name], device=device, dtype=dtype)
+        if name.endswith(("attn_gate", "ff_gate")):
+            return t.fill_(0.5)  # as build_model: the cross-attention path really runs
+        if name.endswith(".weight") and len(shapes[name]) == 1:  # norms
+            return t.fill_(1.0)
+        return t.normal_(0, 0.02)
+
+    load_by_unit(model, list(shapes), read, mode)
+    model.decoder.reset_rope(device)
+    return model.eval()
+
+
+def quantized_mode(run: Run, model_cfg, proc, args, pages, device, dtype, ceil, mode: str) -> None:
+    """One mode: refused (and why) or built, measured and run through an engine that sizes itself to the card."""
+    try:
+        check_supported(mode, device, dtype)
+    except ValueError as e:
+        refused = {"refused": str(e)}
+        run.do(("quantized", mode), lambda: refused)
+        return
+    free_memory(device)
+    built = run.do(("quantized", mode, "build"), lambda: _public(_timed_build(model_cfg, device, dtype, mode)))
+    held = {"model": _BUILT.pop("model", None)}  # dropped in `finally`, whatever the closures below still hold
+    model = held["model"]
+    if model is None:
+        return
+    e = next(model.parameters()).element_size()
+    built.update(weights_bytes=model_bytes(model), planned_weights_bytes=weight_bytes(model_cfg, mode, e))
+    try:
+        run.do(("quantized", mode, "vit"), lambda: vit_section(model, model_cfg, args.vit_views, ceil, device, dtype))
+        run.do(
+            ("quantized", mode, "decode_batch1"),
+            lambda: decode_batch1(model, model_cfg, proc, args, ceil, pages, device),
+        )
+
+        def sized_wave():
+            free_memory(device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            max_seq = args.prompt_tokens + args.new_tokens + 16
+            card = None if device.type == "cuda" else CPU_CARD
+            cfg = engine_config(
+                len(pages) - 2, max_seq, 1 + args.rows * args.cols, gpu_memory_utilization=0.9, gpu_memory_bytes=card
+            )
+            obs = StepTimes()
+            eng = Engine(model, proc, cfg, observer=obs)
+            try:
+                B = eng.config.max_slots
+                reqs = job_requests(
+                    model_cfg, (pages * (1 + B // len(pages)))[:B], args.prompt_tokens, args.new_tokens, 400
+                )
+                out = wave(eng, obs, reqs, args.new_tokens)
+                out.update(batch=B, memory_plan=plan_check(eng, device), plan=eng.memory_plan.to_dict())
+                return out
+            finally:
+                eng.close()
+
+        steady = run.result.get("standard_job", {})
+        need = max((b.get("wave_1", {}).get("seconds", 0.0) for b in steady.values()), default=0.0)
+        run.do(("quantized", mode, "standard_job_sized"), sized_wave, needs_s=1.3 * need)
+    finally:
+        held.clear()
+        model = None  # noqa: F841 - the last reference: the quantized weights are freed before the next mode
+        free_memory(device)
+
+
+def _timed_build(cfg, device, dtype, mode) -> dict:
+    t0 = time.perf_counter()
+    model = build_quantized(cfg, device, dtype, mode)
+    return {"model": model, "seconds": time.perf_counter() - t0}
 
 
 def switch_waves(run: Run, model, cfg, proc, args, B: int, device, features) -> None:
@@ -698,6 +808,8 @@ def sections(run: Run, args, device, dtype, cfg: InfiMMHDConfig, batches: list[i
         if i == 0 and not args.skip_checks:  # after the headline: at tiny size, but compiles on the GPU
             run.do(("checks", "switches"), lambda: check_switches(device))
             free_memory(device)
+    for mode in QUANT_MODES:  # next to the bf16 model: each is built block by block, quantized, then freed
+        quantized_mode(run, cfg, proc, args, pages, device, dtype, ceil, mode)
     B = batches[0]
     features = run.do(("switches", "features"), lambda: _page_features(model, pages[0]))
     if features is not None:

@@ -40,6 +40,15 @@ def test_gpu_benchmark_runs_at_tiny_size_on_cpu_and_exercises_every_switch(tmp_p
     job = result["standard_job"]["batch_2"]
     assert job["summary"]["pages_per_s"] > 0 and job["wave_1"]["decode_ms_per_step"] > 0
     assert "aten::" in result["profile"]["batch_2"]["table"]
+    assert job["summary"]["memory_plan"]["planned_bytes"] > 0  # on a GPU: against measured_peak_bytes
+    q = result["quantized"]
+    assert "no CPU kernel" in q["int4"]["refused"] and "needs a CUDA GPU" in q["fp8"]["refused"]
+    int8 = q["int8"]
+    assert int8["build"]["weights_bytes"] == int8["build"]["planned_weights_bytes"]
+    assert int8["vit"]["tflops"] > 0 and int8["decode_batch1"]["ms_per_token"] > 0
+    sized = int8["standard_job_sized"]
+    assert sized["pages_per_s"] > 0 and sized["batch"] == sized["plan"]["max_slots"] and sized["plan"]["fits"]
+    assert sized["memory_plan"]["line"].startswith("memory plan:") and "quantize int8" in sized["memory_plan"]["line"]
 
 
 def test_gpu_benchmark_keeps_the_partial_json_when_a_section_fails(tmp_path):
