@@ -57,7 +57,12 @@ def load_engine(a: ServeArgs, observer=None):
         checkpoint,
         device=a.device,
         dtype=getattr(torch, a.dtype) if a.dtype else None,
-        config=EngineConfig(max_slots=a.max_slots, max_seq_len=min(a.max_seq_len, positions)),
+        config=EngineConfig(
+            max_slots=a.max_slots,
+            max_seq_len=min(a.max_seq_len, positions),
+            quantize=a.quantize,
+            gpu_memory_utilization=a.gpu_memory_utilization,
+        ),
         windows=a.window_config(),  # the engine's processor sets the window to the checkpoint's ViT size
         prompt_format=a.prompt_format,
         observer=observer,
