@@ -84,7 +84,9 @@ def test_stage_presets_carry_the_papers_numbers():
     assert [FULL[s].image_size for s in (1, 2)] == [224, 448], "PT at 224, CPT at 448"
     assert all(s.weight_decay == 0.1 and s.clip == 1.0 for s in (*FULL.values(), *TINY.values())), "wd 0.1 clip 1.0"
     assert [s.grad_checkpointing for s in FULL.values()] == [False, False, True, False], "checkpointing in DRA only"
-    assert TINY[2].image_size == 2 * TINY[1].image_size, "tiny presets keep the 2x resolution step of CPT"
+    # The tiny presets stay at 112 px: a CPU-sized CPT does not carry a pretrained ViT across a 2x scale change
+    assert {s.image_size for s in TINY.values()} == {112} and TINY[3].dynamic and not TINY[2].dynamic
+    assert TINY[2].lr < TINY[1].lr and TINY[2].patch_lr_mult == 0.1, "the pretrained ViT trains at a lower rate"
     assert {s: TINY_FROM_SCRATCH[s] for s in (1, 2, 3, 4)} == TINY, "from-scratch keeps the tiny stages 1-4 as they are"
     assert 0 not in TINY and 0 not in FULL, "the joint warm-up is no paper stage: only the from-scratch preset has it"
     with pytest.raises(ValueError, match="tiny-from-scratch"):

@@ -44,6 +44,7 @@ def add_commands(sub) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--min-lr", type=float)
     p.add_argument("--grad-accum", type=int)
+    p.add_argument("--image-size", type=int, help="the stage's ViT input size (the checkpoint's is interpolated to it)")
     p.add_argument("--patch-lr-mult", type=float, help="learning-rate multiplier of the ViT patch embedding")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--max-text-len", type=int)
@@ -149,6 +150,7 @@ def cmd_train(args) -> int:
         grad_checkpointing=args.grad_checkpointing,
         max_text_len=args.max_text_len,
         patch_lr_mult=args.patch_lr_mult,
+        image_size=args.image_size,
     )
     output = Path(args.output)
     init = args.init

@@ -91,7 +91,7 @@ def resize_vision(model: InfiMMHD, image_size: int) -> InfiMMHD:
 
 def sincos_pos_embed(grid: int, dim: int) -> torch.Tensor:
     """(1, 1 + grid*grid, dim) 2-D sin-cos table, [table(col) | table(row)] per patch, zeros for CLS. A ViT trained
-    from scratch on this machine learned where text is only from this start (issue 14's trial)."""
+    from scratch on this machine learned where text is only from this start."""
     table = sinusoid_table(grid, dim // 2)  # (grid, dim/2)
     r, c = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     patches = torch.cat((table[c.flatten()], table[r.flatten()]), dim=-1)  # (grid*grid, dim)
@@ -111,7 +111,7 @@ def init_model(cfg: InfiMMHDConfig, seed: int, gate: float = 0.5) -> InfiMMHD:
     """PyTorch default init, the ViT position embedding from a 2-D sin-cos grid and the tanh gates at `gate`.
 
     The official init has zero gates; a randomly initialised ViT then gets no gradient until the gates move, which
-    at this size never happened in useful time (issue 14's trial), so the demo starts them at 0.5."""
+    at this size never happened in useful time on this machine, so the demo starts them at 0.5."""
     torch.manual_seed(seed)
     model = InfiMMHD(cfg)
     with torch.no_grad():
