@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 from PIL import Image
 
-from model.windows import ImageError, WindowConfig, cut_views, load_image, open_image
+from model.windows import ImageError, WindowConfig, choose_grid, cut_views, load_image, open_image
 
 from .rows import DECODED_SCHEMA, error_fields, prompt_key
 from .storage import SINGLE_PAGE_SUFFIXES, Storage, StorageUnavailable, TooLarge, suffix
@@ -57,6 +57,7 @@ class DecodeConfig:
     pages_per_task: int = 16  # a longer document is split into decode tasks of this many pages
     use_pdf_text: str = "never"  # "never" | "auto" | "always": answer PDF pages with their text layer (see module doc)
     pdf_text_min_chars: int = 50  # letters and digits a text layer needs to be usable ("auto")
+    page_images: bool = False  # pages as `image_url` (data: URLs) for running replicas instead of cut views
 
     def __post_init__(self):
         if self.use_pdf_text not in PDF_TEXT_MODES:
@@ -83,6 +84,7 @@ def is_pdf(data: bytes, uri: str = "") -> bool:
 class ImageDocument:
     def __init__(self, data: bytes, cfg: WindowConfig):
         self.cfg = cfg
+        self.data = data  # the encoded file (a replica-bound job sends a single-page PNG or JPEG as it is)
         self.image = open_image(data, cfg)  # header only; ImageError(empty_file | decode_error | too_large)
         # Only TIFF frames are pages; the frames of GIF/WebP/APNG are an animation (first frame is the page).
         self.n_pages = getattr(self.image, "n_frames", 1) if self.image.format == "TIFF" else 1
@@ -364,6 +366,12 @@ class DecodePages:
                         "error_message": None,
                     }
                     continue
+                if self.config.page_images:  # for running replicas: the page itself, they cut it
+                    try:
+                        yield {**base, **text, **self._page_image(doc, i), "page": i, "prompts": ps}
+                    except Exception as e:  # noqa: BLE001 - one bad page is one error row; the rest go on
+                        yield error(i, *classify(e), ps)
+                    continue
                 try:
                     views = cut_views(doc.page(i - 1), self.config.windows)
                 except Exception as e:  # noqa: BLE001 - one bad page is one error row; the rest go on
@@ -386,6 +394,34 @@ class DecodePages:
                 }
         finally:
             doc.close()
+
+    def _page_image(self, doc, i: int) -> dict:
+        """Page i as a `data:` URL for a server (pipelines/replicas.py): a single-page PNG or JPEG file as it is, else
+        the decoded page as PNG (lossless, so the server cuts the views this stage would have); decoded here either
+        way, so that a corrupt page is its error row and the grid columns are filled."""
+        import base64
+        import io
+
+        img = doc.page(i - 1)
+        rows, cols = choose_grid(img.width, img.height, self.config.windows)
+        original = getattr(doc, "image", None)
+        if isinstance(doc, ImageDocument) and doc.n_pages == 1 and original.format in ("PNG", "JPEG") and doc.data:
+            data, mime = doc.data, Image.MIME[original.format]
+        else:
+            buf = io.BytesIO()
+            img.save(buf, "PNG", compress_level=1)
+            data, mime = buf.getvalue(), "image/png"
+        url = f"data:{mime};base64," + base64.b64encode(data).decode()
+        return {
+            **_NO_VIEWS,
+            "image_url": url,
+            "width": img.width,
+            "height": img.height,
+            "grid_rows": rows,
+            "grid_cols": cols,
+            "error_type": None,
+            "error_message": None,
+        }
 
     def _pdf_text(self, doc, i: int) -> dict:
         """`pdf_text` and `text_source` of page i: the text layer (PDFs only), and "pdf_text" when it is the answer."""

@@ -40,6 +40,7 @@ from .generate import GenerateConfig, GenerateStage
 from .output import PartWriter, output_parts, read_done_ids, record_settings
 from .plan import document_prompts, plan_documents
 from .progress import Progress
+from .replicas import ServerPagesStage, ServerSettings
 from .rows import LADDER
 from .storage import S3Settings, Storage, StorageUnavailable, list_sources
 
@@ -104,6 +105,9 @@ class JobConfig:
     repetition_guard: bool = True  # loops end with finish_reason "repetition" and are retried up the ladder
     temperature_ladder: tuple[float, ...] = LADDER
     max_attempts: int = 1 + len(LADDER)
+    # Pages to a running Serve app of ours instead of engine actors (pipelines/replicas.py); `actors` is then the pool
+    # of light client workers, `checkpoint` the one the replicas serve (window size, `model` column)
+    server: ServerSettings | None = None
 
     def __post_init__(self):
         lo, hi = self.actors
@@ -211,6 +215,15 @@ def build_dataset(records: pa.Table, config: JobConfig, storage: Storage, genera
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = config.ray_progress
+    if config.server is not None:  # running replicas answer: client workers (they wait on HTTP), no engine
+        return decoded_pages(records, config, storage).map_batches(
+            ServerPagesStage,
+            fn_constructor_args=(config.server, generate),
+            batch_size=config.batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(min_size=config.actors[0], max_size=config.actors[1]),
+            num_cpus=0.25,
+        )
     return decoded_pages(records, config, storage).map_batches(
         GenerateStage,
         fn_constructor_args=(generate,),
@@ -239,6 +252,7 @@ def decoded_pages(records: pa.Table, config: JobConfig, storage: Storage):
         pages_per_task=config.pages_per_task,
         use_pdf_text=config.use_pdf_text,
         pdf_text_min_chars=config.pdf_text_min_chars,
+        page_images=config.server is not None,
     )
     return (
         ray.data.from_arrow(blocks)
@@ -360,6 +374,8 @@ def run_job(
     records = plan.records
     if records.num_rows:  # (nothing left to do needs no Ray)
         ensure_ray(ray_address)
+        if config.server is not None:  # the replicas hold the GPUs; the client workers need 0.25 CPU each
+            config = replace(config, gpus_per_actor=0.0, cpus_per_actor=0.25)
         config = resolve_resources(config)  # may refuse the job: still nothing written
     prepare_output(config, storage)
     generate = GenerateConfig(

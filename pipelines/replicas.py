@@ -186,3 +186,75 @@ class ServerStage:
 
 def column(table: pa.Table, name: str) -> list:
     return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
+class ServerPagesStage:
+    """The batch job's engine stage for running replicas: decoded pages (DECODED_SCHEMA, with `image_url`) -> OUTPUT
+    rows, as GenerateStage writes them. One greedy attempt per row: the repetition guard and its temperature ladder
+    are engine features the OpenAI endpoint does not expose (a loop ends at max_tokens, finish_reason "length")."""
+
+    def __init__(self, settings: ServerSettings, generate):  # generate: pipelines.generate.GenerateConfig
+        self.settings = settings
+        self.generate = generate
+        self.model_name = generate.model_name or generate.checkpoint.rstrip("/").rsplit("/", 1)[-1]
+        self.client = ServerClient(settings)
+
+    def body(self, prompt: str, url: str) -> dict:
+        g = self.generate
+        content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
+        body = {"messages": [{"role": "user", "content": content}], "max_tokens": g.max_new_tokens, "temperature": 0}
+        if g.repetition_penalty != 1.0:
+            body["repetition_penalty"] = g.repetition_penalty
+        if g.no_repeat_ngram_size:
+            body["no_repeat_ngram_size"] = g.no_repeat_ngram_size
+        return body
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from .rows import OUTPUT_SCHEMA, error_fields, row_id
+
+        out, pending = [], []
+        for page in batch.to_pylist():
+            base = {k: page[k] for k in ("source_uri", "page", "width", "height", "grid_rows", "grid_cols", "pdf_text")}
+            rows = [
+                {**base, "model": self.model_name, "id": row_id(page["doc"], page["page"], p), "prompt": p}
+                for p in page["prompts"]
+            ]
+            out += rows
+            for r in rows:
+                if page["error_type"]:
+                    r.update(error_type=page["error_type"], error_message=page["error_message"])
+                elif page.get("text_source") == "pdf_text":
+                    r.update(text=page["pdf_text"], text_source="pdf_text", attempts=0)
+                else:
+                    pending.append((r, page["image_url"]))
+
+        def one(item):
+            r, url = item
+            t0 = time.perf_counter()
+            try:
+                answer, _ = self.client.complete(self.body(r["prompt"], url))
+            except Refused as e:
+                r.update(error_fields(e.error_type, str(e)), attempts=1, attempt_finish_reasons=["error"])
+                r["attempt_temperatures"] = [0.0]
+                return
+            choice, usage = answer["choices"][0], answer.get("usage") or {}
+            r.update(
+                text=choice["message"]["content"],
+                text_source="model",
+                finish_reason=choice.get("finish_reason"),
+                prompt_tokens=usage.get("prompt_tokens"),
+                completion_tokens=usage.get("completion_tokens"),
+                generate_ms=(time.perf_counter() - t0) * 1e3,  # the HTTP call: queueing and 503 retries included
+                attempts=1,
+                attempt_finish_reasons=[choice.get("finish_reason")],
+                attempt_temperatures=[0.0],
+            )
+
+        with ThreadPoolExecutor(self.settings.requests_in_flight) as pool:
+            list(pool.map(one, pending))
+        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+    def __del__(self):
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()

@@ -79,6 +79,7 @@ DECODED_SCHEMA = pa.schema(
         ("error_message", pa.string()),
         ("pdf_text", pa.string()),  # the PDF page's embedded text layer; null for images
         ("text_source", pa.string()),  # "pdf_text": the page's answer is its text layer, it has no views
+        ("image_url", pa.string()),  # instead of views, for running replicas (pipelines/replicas.py): the page
     ]
 )
 

@@ -159,3 +159,40 @@ def test_processor_through_running_replicas(ray_session, saturated_app, tiny_che
     assert got["too_long"]["error_type"] == "invalid_request"  # the server's verdict
     assert "refused the request (400)" in got["too_long"]["error_message"]
     assert got["too_long"]["messages"][0]["content"][1]["text"] != QUESTION
+
+
+def test_batch_job_through_running_replicas(ray_session, saturated_app, tiny_checkpoint, tmp_path):
+    """The document job with `server`: the same rows as the actor-pool job, every page once, and a rerun resumes."""
+    from demo.samples import pdf_document, png_page
+    from pipelines.job import run_job
+
+    from .pipeline_helpers import by_page, config, read_rows, write_files
+
+    folder = write_files(
+        tmp_path / "docs",
+        {f"p{i}.png": png_page(i, (500, 640)) for i in range(4)}
+        | {"two.pdf": pdf_document(2, size=(500, 640)), "broken.png": b"\x89PNG\r\n\x1a\n broken"},
+    )
+    server = ServerSettings(saturated_app, requests_in_flight=4, retry_seconds=120)
+    actors = config(tiny_checkpoint, [folder], tmp_path / "actors")
+    replicas = config(tiny_checkpoint, [folder], tmp_path / "replicas", server=server)
+    run_job(actors, progress=False)
+    summary = run_job(replicas, progress=False)
+    want, got = by_page(read_rows(actors.output)), by_page(read_rows(replicas.output))  # one row per page: asserted
+    assert sorted(got) == sorted(want) and len(got) == 7
+    for key, row in got.items():
+        assert (row["id"], row["text"], row["error_type"]) == (
+            want[key]["id"],
+            want[key]["text"],
+            want[key]["error_type"],
+        ), key
+        assert row["completion_tokens"] == want[key]["completion_tokens"], key
+    assert got[("broken.png", 0, got_prompt(got))]["error_type"] == "decode_error"
+    assert summary["run"]["rows"] == 7
+    again = run_job(replicas, progress=False)  # resume: everything is done, nothing is asked again
+    assert again["run"]["rows"] == 0 and again["run"]["rows_already_done"] == 7
+    assert len(read_rows(replicas.output)) == 7
+
+
+def got_prompt(rows: dict) -> str:
+    return next(iter(rows))[2]
