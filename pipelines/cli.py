@@ -117,6 +117,19 @@ RUN_OPTIONS: list[tuple[str, dict]] = [
         "--gpu-memory-utilization",
         dict(type=float, default=None, help="size slots and the ViT batch to this fraction of the GPU"),
     ),
+    (
+        "--server",
+        dict(
+            metavar="URL",
+            help="send pages to a running InfiMM-HD Serve app (http://HOST:8000/v1; key from INFIMM_API_KEY) instead "
+            "of starting engine actors; --actors is then the pool of client workers",
+        ),
+    ),
+    ("--server-model", dict(default="infimm-hd", help="the `model` id the Serve app answers to")),
+    (
+        "--server-retry-seconds",
+        dict(type=float, default=600.0, help="how long one page keeps retrying 503s from saturated replicas"),
+    ),
     ("--no-resume", dict(action="store_true", help="delete the earlier parts in --output and start over")),
     ("--s3-endpoint", dict(metavar="URL", help="default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL")),
     ("--s3-region", dict(help="default: AWS_REGION / AWS_DEFAULT_REGION")),
@@ -263,6 +276,22 @@ def job_config(args: argparse.Namespace):
         repetition_guard=not args.no_repetition_guard,
         temperature_ladder=tuple(args.temperature_ladder),
         max_attempts=args.max_attempts,
+        server=server_settings(args),
+    )
+
+
+def server_settings(args: argparse.Namespace):
+    import os
+
+    from .replicas import ServerSettings
+
+    if not args.server:
+        return None
+    return ServerSettings(
+        args.server,
+        model=args.server_model,
+        api_key=os.environ.get("INFIMM_API_KEY") or None,
+        retry_seconds=args.server_retry_seconds,
     )
 
 

@@ -196,3 +196,26 @@ def test_batch_job_through_running_replicas(ray_session, saturated_app, tiny_che
 
 def got_prompt(rows: dict) -> str:
     return next(iter(rows))[2]
+
+
+def test_batch_run_server_flags(tiny_checkpoint, monkeypatch):
+    import argparse
+
+    from pipelines.cli import add_run_options, job_config
+
+    monkeypatch.setenv("INFIMM_API_KEY", "k")
+    p = argparse.ArgumentParser()
+    add_run_options(p)
+    base = ["--input", "x", "--output", "/tmp/o", "--checkpoint", str(tiny_checkpoint)]
+    assert job_config(p.parse_args(base)).server is None
+    server = job_config(
+        p.parse_args(base + ["--server", "http://127.0.0.1:8000/v1", "--server-retry-seconds", "5"])
+    ).server
+    assert (server.base_url, server.api_key, server.retry_seconds, server.model) == (
+        "http://127.0.0.1:8000/v1",
+        "k",
+        5.0,
+        "infimm-hd",
+    )
+    with pytest.raises(ValueError, match="http"):
+        job_config(p.parse_args(base + ["--server", "127.0.0.1:8000"]))
