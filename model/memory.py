@@ -158,7 +158,8 @@ class MemoryPlan:
         return (
             f"{head}: weights {gb(self.weights)} + reserve {gb(self.reserve)} + feature cache "
             f"{gb(self.feature_cache)} + ViT batch {self.vit_batch} views / prefill batch {self.prefill_batch} "
-            f"{gb(self.transient)} + {self.max_slots} slots x {gb(self.per_slot)} (KV {gb(self.slot_kv)} at "
+            f"{gb(self.transient)} + {self.max_slots} slot{'s' * (self.max_slots != 1)} x {gb(self.per_slot)} (KV "
+            f"{gb(self.slot_kv)} at "
             f"{self.max_seq_len} tokens, cross-attention K/V {gb(self.slot_media)} at {self.max_views} views) "
             f"= {gb(self.need)}"
         )
