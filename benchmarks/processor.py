@@ -1,13 +1,16 @@
 """The Dataset processor against the batch job and a bare engine loop, on the same pages (tiny model, CPU).
 
-    python benchmarks/processor.py [--pages 48] [--size 896] [--new-tokens 8] [--batch-size 8] [--out result.json]
+    python benchmarks/processor.py [--pages 48] [--size 896] [--new-tokens 8] [--batch-size 8] [--replicas]
+                                   [--out result.json]
 
 All three read the same PNG files, decode them, cut windows and run engine.generate on batches of `batch_size` pages
 with `slots` decode slots and the same torch thread count:
 * bare loop: this process, one batch after another, engine already loaded (benchmarks/pipeline.py's);
 * batch job: `pipelines.job.run_job` on the folder (benchmarks/pipeline.py's);
 * processor: `pipelines.processor.build_processor` over `ray.data.from_items` of the paths (the preprocess builds the
-  messages), consumed with `iter_batches` in the driver, nothing written.
+  messages), consumed with `iter_batches` in the driver, nothing written;
+* with `--replicas`, the processor again with `server=`: our Serve app (one model replica with `slots` slots, one
+  ingress) started on 127.0.0.1 before timing, the pages sent to it as data: URLs (pipelines/replicas.py).
 The two Ray runs share one local Ray started before timing (each starts its own engine actor). Reported: pages/s end to
 end (actor start and model load included) and steady (first result batch to the last), and the ratios to the bare
 loop. Prints JSON, never asserts. Random tiny weights: the numbers measure the machinery, not a real model.
@@ -33,10 +36,37 @@ from benchmarks.common import document_page, emit, environment  # noqa: E402
 from benchmarks.pipeline import PROMPT, bare_loop, ray_job  # noqa: E402
 
 
-def processor_run(checkpoint: str, files: list[Path], args) -> dict:
+def start_replicas(checkpoint: str, args) -> str:
+    """Our Serve app on 127.0.0.1 (one model replica on the CPU, one ingress); returns the OpenAI base URL."""
+    import socket
+
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from deployments.app import compose
+    from deployments.config import ServeArgs
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = _get_global_client().http_config.port
+    serve_args = ServeArgs(
+        checkpoint=checkpoint, device="cpu", max_slots=args.slots, max_windows_per_image=args.max_windows, metrics=False
+    )
+    options = {
+        "InfimmModel": {"num_replicas": 1, "ray_actor_options": {"num_gpus": 0, "num_cpus": args.threads}},
+        "OpenAIIngress": {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0.5}},
+    }
+    serve.run(compose(serve_args, options), name="bench-replicas", route_prefix="/")
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def processor_run(checkpoint: str, files: list[Path], args, server: str | None = None) -> dict:
     import ray
 
     from pipelines.processor import InfimmProcessorConfig, build_processor
+    from pipelines.replicas import ServerSettings
 
     config = InfimmProcessorConfig(
         checkpoint=checkpoint,
@@ -47,6 +77,7 @@ def processor_run(checkpoint: str, files: list[Path], args) -> dict:
         torch_threads=args.threads,
         max_windows=args.max_windows,
         engine_kwargs=dict(max_slots=args.slots),
+        server=ServerSettings(server, requests_in_flight=args.slots) if server else None,
     )
     new_tokens = args.new_tokens
 
@@ -89,6 +120,7 @@ def main(argv=None) -> dict:
     p.add_argument("--slots", type=int, default=8)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, all three")
     p.add_argument("--ray-cpus", type=int, default=max(4, (os.cpu_count() or 2) * 2))
+    p.add_argument("--replicas", action="store_true", help="also the processor through our running Serve app")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -111,6 +143,15 @@ def main(argv=None) -> dict:
         ray.data.DataContext.get_current().enable_progress_bars = False
         proc = processor_run(checkpoint, files, args)
         job = ray_job(checkpoint, folder, Path(tmp) / "out", args)
+        through = None
+        if args.replicas:
+            t0 = time.perf_counter()
+            url = start_replicas(checkpoint, args)
+            start_s = time.perf_counter() - t0
+            through = {**processor_run(checkpoint, files, args, server=url), "app_start_s": round(start_s, 3)}
+            from ray import serve
+
+            serve.shutdown()
         ray.shutdown()
     result = {
         "benchmark": "processor",
@@ -129,6 +170,7 @@ def main(argv=None) -> dict:
         "batch_job_steady_over_bare": round(job["steady_pages_per_s"] / bare["pages_per_s"], 3),
         "processor_end_to_end_over_bare": round(proc["pages_per_s"] / bare["pages_per_s"], 3),
         "batch_job_end_to_end_over_bare": round(job["pages_per_s"] / bare["pages_per_s"], 3),
+        "processor_through_replicas": through,
         "environment": environment(),
     }
     emit(result, args.out)
