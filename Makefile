@@ -2,7 +2,7 @@
 PY ?= python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test bench lint dashboard train-demo
+.PHONY: setup demo test bench lint docs dashboard train-demo
 setup: .setup-stamp
 .setup-stamp: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
@@ -21,6 +21,10 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# The docs site (docs/, mkdocs.yml) into site/; --strict: a broken link, anchor or generated table fails the build.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 bench: setup
 	$(PY) benchmarks/engine_cpu.py
 	$(PY) benchmarks/pipeline.py
@@ -31,6 +35,6 @@ bench: setup
 dashboard: setup  # rebuild infra/grafana/infimm-hd.json from infra/grafana/dashboard.py (Grafana foundation SDK)
 	$(PY) infra/grafana/dashboard.py
 
-# Retrain the demo reader (checkpoints/demo-reader/) with the four-stage recipe; see README "Training".
+# Retrain the demo reader (checkpoints/demo-reader/) with the four-stage recipe; see docs/training.md.
 train-demo: setup
 	bash training/demo_recipe.sh
