@@ -181,7 +181,7 @@ def add_memory_flags(p: argparse.ArgumentParser) -> None:
         "--quantize",
         default="none",
         choices=["none", "int8", "int4", "fp8"],
-        help="weights: int8 (CPU and GPU), int4 (GPU, cc >= 8.0), fp8 (GPU, cc >= 8.9); see README Performance",
+        help="weights: int8 (CPU and GPU), int4 (GPU, cc >= 8.0), fp8 (GPU, cc >= 8.9); see docs/performance.md",
     )
     p.add_argument(
         "--gpu-memory-utilization",

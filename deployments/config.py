@@ -39,7 +39,7 @@ def split_s3_prefix(entry: str) -> tuple[str, str]:
 
 
 class Limits(BaseModel):
-    """What one request may ask for. Each is answered with a clear 4xx naming the limit (see README)."""
+    """What one request may ask for. Each is answered with a clear 4xx naming the limit (docs/service.md, limits)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -312,7 +312,7 @@ def size_engine(model, config, device):
 
 
 def fit_table(cfg: InfiMMHDConfig, cards_gib=(24, 48, 80), modes=("none", "int8", "int4", "fp8"), **kw) -> list[dict]:
-    """What fits per card and mode at the engine's default lengths: rows for the README table and the CLI."""
+    """What fits per card and mode at the engine's default lengths: rows for docs/performance.md and the CLI."""
     rows = []
     for mode in modes:
         for card in cards_gib:

@@ -86,7 +86,7 @@ RUN_OPTIONS: list[tuple[str, dict]] = [
     ("--pages-per-task", dict(type=int, default=16, help="longer documents are decoded by several tasks")),
     (
         "--decode-memory-mb",
-        dict(type=int, default=1536, help="memory reserved per decode task (measured: README, Batch jobs)"),
+        dict(type=int, default=1536, help="memory reserved per decode task (measured: docs/batch.md)"),
     ),
     ("--actors", dict(type=_pair, default=(1, 1), metavar="MIN,MAX", help="engine actor pool size (autoscaling)")),
     (
@@ -111,7 +111,7 @@ RUN_OPTIONS: list[tuple[str, dict]] = [
     ("--max-slots", dict(type=int, default=16, help="sequences the engine decodes together")),
     (
         "--quantize",
-        dict(default="none", choices=["none", "int8", "int4", "fp8"], help="engine weights (README: Performance)"),
+        dict(default="none", choices=["none", "int8", "int4", "fp8"], help="engine weights (docs/performance.md)"),
     ),
     (
         "--gpu-memory-utilization",
@@ -147,7 +147,7 @@ RUN_OPTIONS: list[tuple[str, dict]] = [
     ("--rows-per-file", dict(type=int, default=5000)),
     ("--flush-seconds", dict(type=float, default=60.0, help="write a part at least this often")),
     ("--ray-progress", dict(action="store_true", help="also show Ray Data's per-stage progress bars")),
-    # -- digitization: documents out, PDF text layer, repetition guard (README "Batch jobs") --
+    # -- digitization: documents out, PDF text layer, repetition guard (docs/batch.md) --
     (
         "--documents-out",
         dict(

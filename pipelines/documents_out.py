@@ -1,6 +1,6 @@
 """Per-document output (`--documents-out DIR`): one Markdown file per document and a Dolma-style JSONL of documents.
 
-    DIR/documents.jsonl     one JSON line per listed document, sorted by id (schema in README, "Documents out")
+    DIR/documents.jsonl     one JSON line per listed document, sorted by id (schema in docs/batch.md, "Digitization")
     DIR/text/<name>.md      the document's pages in page order, each after a marker line:
                                 <!-- page 1 -->
                                 ...page 1's text...

@@ -129,7 +129,7 @@ class InfimmProcessorConfig:
     max_render_pixels: int = 12_000_000  # a rendered PDF page is at most this many pixels
     prepare_cpus: float = 1.0  # per image-decoding task
     # Reserved per decoding task; also what keeps decoding out of the engine actors on a CPU-only cluster (Ray Data
-    # fuses stages with identical resource asks). The batch job's measured default (README, decode memory).
+    # fuses stages with identical resource asks). The batch job's measured default (docs/batch.md).
     prepare_memory: int = 1536 * 2**20
     should_continue_on_error: bool = True  # bad rows -> error_type / error_message; False: raise
     s3: S3Settings = field(default_factory=S3Settings.from_env)  # for s3:// image URIs

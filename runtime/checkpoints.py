@@ -37,7 +37,7 @@ def default_tiny_checkpoint(seed: int = 0, folder: str | os.PathLike | None = No
     return folder
 
 
-# The demo reader (checkpoints/demo-reader/, README "Training"): a tiny model trained by training/demo_recipe.sh.
+# The demo reader (checkpoints/demo-reader/, docs/training.md): a tiny model trained by training/demo_recipe.sh.
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "demo-reader"
 DEMO_PROMPT = "What word is printed on this page?"
 # The demo reader replaces the random tiny checkpoint as the default only if it reads: its measured exact match on

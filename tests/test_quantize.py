@@ -311,7 +311,7 @@ def test_int8_keeps_the_golden_greedy_tokens(golden_dir):
     """The golden greedy cases (d: the 2x3 page through the quantized ViT; d_batch: given features), 24 tokens each.
     Measured here: 71 of 72 tokens identical (98.6 %; a near-tie of the random golden weights flips step 6 of case d,
     and the row then returns to fp32's tokens), teacher-forced top-1 98.6 %, max logit error 0.13 against a logit
-    range of 7.6; benchmarks/quantization.py adds random prompts (README: Performance)."""
+    range of 7.6; benchmarks/quantization.py adds random prompts (docs/performance.md)."""
     from benchmarks.quantization import compare, golden_prompts, run
 
     items = golden_prompts()
