@@ -140,8 +140,9 @@ RUN_OPTIONS: list[tuple[str, dict]] = [
         dict(
             type=float,
             default=120.0,
-            help="keep retrying a read, listing or write that fails transiently (server down, timeouts, 5xx, "
-            "throttling) for this long; then the document is left for a rerun (exit 3)",
+            help="how long storage may fail transiently (server down, timeouts, 5xx, throttling) while reads, "
+            "listings and writes keep retrying; the clock runs once per outage for the whole job, then the reads left "
+            "stop trying, their documents are left for a rerun and the job exits 3",
         ),
     ),
     ("--rows-per-file", dict(type=int, default=5000)),

@@ -42,7 +42,7 @@ from .plan import document_prompts, plan_documents
 from .progress import Progress
 from .replicas import ServerPagesStage, ServerSettings
 from .rows import LADDER
-from .storage import S3Settings, Storage, StorageUnavailable, list_sources
+from .storage import S3Settings, SharedClock, Storage, StorageUnavailable, list_sources
 
 log = logging.getLogger(__name__)
 
@@ -360,23 +360,33 @@ def run_job(
     """Run the job to completion; returns the summary (also written to `_summary.json` and `_summary.png`).
     `on_batch` sees every table of new rows after it is buffered; `sources` replaces listing `config.inputs`
     (both for tests: interrupting a run, deleting an object between listing and reading)."""
-    from model.weights import is_random_checkpoint
-
-    from .summary import summarize, write_summary
-
     if not config.checkpoint:
         raise ValueError("JobConfig.checkpoint is required (the CLI defaults to the tiny random checkpoint)")
     started = datetime.now(UTC)
     storage = Storage(config.s3)
-    fs, out = storage.resolve(config.output)
-    out = out.rstrip("/")
     plan = plan_job(config, storage, sources)
-    records = plan.records
-    if records.num_rows:  # (nothing left to do needs no Ray)
+    if plan.records.num_rows:  # (nothing left to do needs no Ray)
         ensure_ray(ray_address)
         if config.server is not None:  # the replicas hold the GPUs; the client workers need 0.25 CPU each
             config = replace(config, gpus_per_actor=0.0, cpus_per_actor=0.25)
         config = resolve_resources(config)  # may refuse the job: still nothing written
+        # One outage clock for the decode tasks and this driver: the budget runs once per outage, not per document
+        storage.clock = SharedClock.start(config.s3.retry_seconds)
+    try:
+        return _run(config, storage, plan, started, progress, on_batch)
+    finally:
+        if isinstance(storage.clock, SharedClock):
+            storage.clock.stop()
+
+
+def _run(config: JobConfig, storage: Storage, plan: Plan, started: datetime, progress: bool, on_batch) -> dict:
+    from model.weights import is_random_checkpoint
+
+    from .summary import summarize, write_summary
+
+    records = plan.records
+    fs, out = storage.resolve(config.output)
+    out = out.rstrip("/")
     prepare_output(config, storage)
     generate = GenerateConfig(
         checkpoint=str(config.checkpoint),
@@ -423,6 +433,7 @@ def run_job(
     finally:
         bar.close()
     seconds = time.monotonic() - t0
+    outage = storage.clock.age()  # storage failing since this long when the reads ended (0: it was not)
     run = {
         "run_id": writer.run_id,
         "started": started.isoformat(timespec="seconds"),
@@ -438,6 +449,7 @@ def run_job(
         "tokens_per_s": round(bar.tokens / seconds, 4) if seconds > 0 else 0.0,
         "duplicates_dropped": writer.duplicates,
         "documents_unavailable": len(unavailable),
+        "storage_outage_seconds": round(outage, 1),
         "part_write_retries": writer.write_retries,
         "parts_written": len(writer.parts),
         "actors": list(config.actors),
@@ -449,8 +461,8 @@ def run_job(
         run["documents_out"] = write_documents(fs, out, storage, config.documents_out, plan.document_prompts)
     if unavailable:
         log.warning(
-            "%d documents could not be read (storage failing for over %.0fs each, --io-retry-seconds); they are not in "
-            "the output: rerun the same command to do them",
+            "%d documents could not be read (storage failing for over %.0fs, --io-retry-seconds: the reads left "
+            "stopped trying); they are not in the output: rerun the same command to do them",
             len(unavailable),
             config.s3.retry_seconds,
         )

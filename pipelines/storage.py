@@ -15,7 +15,12 @@ Storage faults: every request goes through the AWS SDK's standard retry strategy
 5xx and dropped connections), and every read, listing and write through `Retry`, which keeps retrying a transient
 failure (the server down, connections refused or timing out, 5xx, SlowDown) with exponential backoff and jitter for
 `retry_seconds` before it raises `StorageUnavailable`. Permanent failures (missing object, access denied) are raised
-at once. Keys are names, never URLs: `#`, `?`, `%`, `+`, spaces are characters of the key.
+at once. The budget is for an outage, not for each request: an `OutageClock` (a Ray actor in a job, shared by the
+decode tasks and the driver) starts when storage first fails and stops at the first success; once it has run for
+`retry_seconds`, every request still retrying gives up after its next attempt and reads not yet started give up
+without trying, so a job against a dead endpoint ends after about the budget plus one request, whatever its size.
+
+Keys are names, never URLs: `#`, `?`, `%`, `+`, spaces are characters of the key.
 """
 
 from __future__ import annotations
@@ -25,12 +30,13 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow as pa
@@ -77,37 +83,133 @@ def is_transient(e: BaseException) -> bool:
     return isinstance(e, OSError) and bool(_TRANSIENT.search(str(e)))
 
 
+class OutageClock:
+    """How long storage has been failing: opened by the first failure, closed by any success. Every `Retry` of a job
+    consults one clock, so the budget runs once per outage instead of once per request (one after another, a dead
+    endpoint kept a 60-document job waiting for hours). `failed()` returns the outage's age in seconds; once it reaches
+    `seconds` the clock is tripped until a success. An open clock that has heard of no failure for `stale_after`
+    seconds (its callers gone) starts a new outage at the next failure rather than charge it for the old one."""
+
+    def __init__(self, seconds: float, stale_after: float = 60.0):
+        self.seconds, self.stale_after = seconds, stale_after
+        self._since: float | None = None  # time.monotonic() of this process (a Ray actor: the actor's own clock)
+        self._last = 0.0
+        self._lock = threading.Lock()
+
+    def __getstate__(self):  # pickled into a task without Ray: a clock of that process's own
+        return {"seconds": self.seconds, "stale_after": self.stale_after}
+
+    def __setstate__(self, state):
+        self.__init__(state["seconds"], state["stale_after"])
+
+    def failed(self) -> float:
+        with self._lock:
+            now = time.monotonic()
+            tripped = self._since is not None and self._last - self._since >= self.seconds
+            if self._since is None or (not tripped and now - self._last > self.stale_after):
+                self._since = now
+            self._last = now
+            return now - self._since
+
+    def ok(self) -> None:
+        with self._lock:
+            self._since = None
+
+    def tripped(self) -> bool:
+        with self._lock:
+            return self._since is not None and self._last - self._since >= self.seconds
+
+    def age(self) -> float:
+        """Seconds since the open outage began (0 when storage is not failing)."""
+        with self._lock:
+            return 0.0 if self._since is None else time.monotonic() - self._since
+
+
+class SharedClock:
+    """An OutageClock in a Ray actor (no CPU), for the decode tasks and the driver of one job. Picklable: the tasks
+    get the actor's handle. A success is reported without waiting for the answer."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    @classmethod
+    def start(cls, seconds: float) -> SharedClock:
+        import ray
+
+        return cls(ray.remote(num_cpus=0)(OutageClock).remote(seconds))
+
+    def failed(self) -> float:
+        import ray
+
+        return ray.get(self.handle.failed.remote())
+
+    def ok(self) -> None:
+        self.handle.ok.remote()
+
+    def tripped(self) -> bool:
+        import ray
+
+        return ray.get(self.handle.tripped.remote())
+
+    def age(self) -> float:
+        import ray
+
+        return ray.get(self.handle.age.remote())
+
+    def stop(self) -> None:
+        import ray
+
+        ray.kill(self.handle)
+
+
 @dataclass(frozen=True)
 class Retry:
     """Retry transient failures for up to `seconds` (exponential backoff from `first_delay`, capped at `max_delay`,
-    full jitter), then raise StorageUnavailable. `seconds=0`: one attempt."""
+    full jitter), then raise StorageUnavailable. `seconds=0`: one attempt. With a shared `clock` (OutageClock or
+    SharedClock) the `seconds` count from the start of the outage, whoever met it first; a call also never retries
+    for more than `seconds` of its own (a key that keeps failing while others succeed)."""
 
     seconds: float = 120.0
     first_delay: float = 0.5
     max_delay: float = 10.0
+    clock: Any = field(default=None, compare=False, repr=False)
 
     def __call__(self, what: str, fn: Callable[..., T], *args, on_retry: Callable | None = None, **kw) -> T:
         deadline, delay, attempt = None, self.first_delay, 0
         while True:
             try:
-                return fn(*args, **kw)
+                result = fn(*args, **kw)
             except OSError as e:
                 if isinstance(e, StorageUnavailable) or not is_transient(e):
                     raise
                 now = time.monotonic()
                 deadline = now + self.seconds if deadline is None else deadline
+                if self.clock is not None:  # the outage's own deadline, when it began before this call's first failure
+                    deadline = min(deadline, now + self.seconds - self.clock.failed())
                 if now >= deadline:
                     raise StorageUnavailable(
                         f"{what}: storage still failing after {self.seconds:.0f}s of retries (--io-retry-seconds): {e}"
                     ) from e
                 attempt += 1
                 (log.warning if attempt == 1 else log.debug)(
-                    "%s failed (%s); retrying for up to %.0fs", what, e, self.seconds
+                    "%s failed (%s); retrying for up to %.0fs", what, e, deadline - now
                 )
                 if on_retry is not None:
                     on_retry(e)
                 time.sleep(min(deadline - now, random.uniform(0, delay)) + 0.01)
                 delay = min(delay * 2, self.max_delay)
+            else:
+                if self.clock is not None:
+                    self.clock.ok()
+                return result
+
+    def given_up(self, what: str) -> None:
+        """Raise StorageUnavailable without a request when the shared clock says storage has been failing for the
+        whole budget: a read not yet started stops trying (the job then ends with what it has)."""
+        if self.clock is not None and self.clock.tripped():
+            raise StorageUnavailable(
+                f"{what}: not tried: storage has been failing for over {self.seconds:.0f}s (--io-retry-seconds)"
+            )
 
 
 @dataclass(frozen=True)
@@ -173,17 +275,21 @@ class S3Settings:
 class Storage:
     """Resolves URIs to (filesystem, path) and reads whole objects. Picklable; holds no open connections."""
 
-    def __init__(self, s3: S3Settings = S3Settings()):
+    def __init__(self, s3: S3Settings = S3Settings(), clock: OutageClock | SharedClock | None = None):
         self.s3 = s3
-        self.retry = s3.retry
+        self.clock = clock or OutageClock(s3.retry_seconds)  # a job replaces it with a SharedClock once Ray is up
         self._s3fs: pafs.S3FileSystem | None = None
         self._local = pafs.LocalFileSystem()
 
+    @property
+    def retry(self) -> Retry:
+        return replace(self.s3.retry, clock=self.clock)
+
     def __getstate__(self):
-        return {"s3": self.s3}
+        return {"s3": self.s3, "clock": self.clock}
 
     def __setstate__(self, state):
-        self.__init__(state["s3"])
+        self.__init__(state["s3"], state.get("clock"))
 
     @staticmethod
     def is_s3(uri: str) -> bool:
@@ -200,12 +306,15 @@ class Storage:
         """The whole object. FileNotFoundError when it is missing, StorageUnavailable when transient failures outlast
         the retry budget, OSError for other (permanent) I/O failures."""
         fs, path = self.resolve(uri)
+        retry = self.retry
+        if self.is_s3(uri):
+            retry.given_up(f"reading {uri}")
 
         def read() -> bytes:
             with fs.open_input_stream(path) as f:
                 return f.read() if max_bytes is None else f.read(max_bytes + 1)
 
-        data = self.retry(f"reading {uri}", read)
+        data = retry(f"reading {uri}", read)
         if max_bytes is not None and len(data) > max_bytes:
             raise TooLarge(f"the object is over the {max_bytes / 2**20:.0f} MiB limit on one document")
         return data

@@ -19,7 +19,16 @@ import pytest
 from demo import samples
 from demo.seaweed import SeaweedFS
 from pipelines.job import JobConfig, placement_problem, run_job
-from pipelines.storage import Retry, S3Settings, Storage, StorageUnavailable, is_transient, list_sources, suffix
+from pipelines.storage import (
+    OutageClock,
+    Retry,
+    S3Settings,
+    Storage,
+    StorageUnavailable,
+    is_transient,
+    list_sources,
+    suffix,
+)
 
 from .pipeline_helpers import PROMPT, by_page, config, read_rows, write_files
 
@@ -53,6 +62,32 @@ def cli(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess
     )
 
 
+def cli_timed(*args: str, env: dict) -> tuple[subprocess.CompletedProcess, float]:
+    """`cli`, and how long the process ran after its first storage failure was logged (forwarded from a Ray worker,
+    so a little late)."""
+    import os
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "batch", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env},
+    )
+    stdout: list[str] = []
+    reader = threading.Thread(target=lambda: stdout.append(proc.stdout.read()), daemon=True)
+    reader.start()
+    stderr, first = [], None
+    for line in proc.stderr:
+        stderr.append(line)
+        if first is None and "retrying for up to" in line:
+            first = time.monotonic()
+    proc.wait(timeout=300)
+    reader.join()
+    after = time.monotonic() - first if first is not None else float("nan")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(stdout), "".join(stderr)), after
+
+
 def one_line_error(p: subprocess.CompletedProcess) -> str:
     lines = [line for line in p.stderr.splitlines() if line.startswith("infimm-hd:")]
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
@@ -83,6 +118,36 @@ def test_retry_gives_up_on_transient_failures_only_after_the_budget_and_never_re
     assert Retry(seconds=30, first_delay=0.01)("reading", flaky) == "ok" and len(calls) == 3
     with pytest.raises(OSError, match="ACCESS_DENIED"):
         Retry(seconds=30)("reading", lambda: (_ for _ in ()).throw(OSError("AWS Error ACCESS_DENIED during GetObject")))
+
+
+def test_one_clock_per_outage_shared_by_every_call_and_reset_by_a_success():
+    """The budget runs once per outage: a second call meeting the same outage gives up after one attempt, a read not
+    yet started does not try, and any success (storage back) gives the next outage a whole budget again."""
+    down = OSError("AWS Error NETWORK_CONNECTION during GetObject operation: curlCode: 7, Could not connect")
+    attempts = []
+
+    def failing():
+        attempts.append(time.monotonic())
+        raise down
+
+    clock = OutageClock(0.6)
+    retry = Retry(seconds=0.6, first_delay=0.05, max_delay=0.1, clock=clock)
+    t0 = time.monotonic()
+    with pytest.raises(StorageUnavailable):
+        retry("reading a", failing)
+    assert 0.6 <= time.monotonic() - t0 < 1.5 and clock.tripped()
+    attempts.clear()
+    with pytest.raises(StorageUnavailable):  # the same outage: one attempt, no second budget
+        retry("reading b", failing)
+    assert len(attempts) == 1
+    with pytest.raises(StorageUnavailable, match="not tried"):
+        retry.given_up("reading c")
+    assert retry("writing d", lambda: "ok") == "ok" and not clock.tripped() and clock.age() == 0
+    retry.given_up("reading e")  # storage is back: reads try again
+    attempts.clear()
+    with pytest.raises(StorageUnavailable):  # a new outage gets the whole budget
+        retry("reading f", failing)
+    assert attempts[-1] - attempts[0] >= 0.5
 
 
 def test_s3_down_while_reading_leaves_documents_for_a_rerun_that_does_exactly_those(
@@ -193,6 +258,47 @@ def test_cli_exits_3_when_documents_are_left_unread_and_the_rerun_exits_0(flaky_
     rows = by_page(read_rows(str(out)))
     assert sorted(uri for uri, _, _ in rows) == sorted(Path(u).name for u in uris)
     assert all(r["error_type"] is None for r in rows.values())
+
+
+def test_an_outage_ends_the_job_after_one_budget_not_one_per_document(tiny_checkpoint, ray_session, flaky_s3, tmp_path):
+    """Nine documents (eight on S3, stopped; one local) and a 10 s budget: the decode tasks and the driver share one
+    outage clock, so once S3 has been down for 10 s the reads still retrying give up after their next attempt and the
+    reads not yet started do not try. The job writes the local row and exits 3 naming the eight within 2x the budget
+    (with a budget per document it took about 3x: three decode tasks at a time); the rerun after S3 is back does
+    exactly those eight."""
+    budget = 10
+    client = flaky_s3.client()
+    remote = [f"s3://flaky/in/scan-{i}.png" for i in range(8)]
+    for i, uri in enumerate(remote):
+        client.put_object(Bucket="flaky", Key=uri.removeprefix("s3://flaky/"), Body=samples.png_page(i, (200, 260)))
+    local = write_files(tmp_path / "in", {"local.png": samples.png_page(99, (200, 260))})
+    manifest = tmp_path / "manifest.jsonl"  # local: read while S3 is down
+    manifest.write_text("".join(json.dumps({"uri": u}) + "\n" for u in [str(local / "local.png"), *remote]))
+    out = tmp_path / "out"
+    address = ray_session.get_runtime_context().gcs_address
+    argv = ["run", "--input", str(manifest), "--output", str(out), "--prompt", PROMPT, "--ray-address", address]
+    argv += ["--checkpoint", str(tiny_checkpoint), "--io-retry-seconds", str(budget), "--no-progress", "--json"]
+    argv += ["--max-new-tokens", "4"]
+
+    flaky_s3.stop()
+    p, first_failure = cli_timed(*argv, env=flaky_s3.env())
+    assert p.returncode == 3, p.stderr[-3000:]
+    assert "8 documents could not be read" in one_line_error(p)
+    run = json.loads(p.stdout)["run"]
+    assert run["documents_unavailable"] == 8 and run["rows"] == 1, run
+    # The outage clock's age when the reads ended (it opens when the first request has failed: one request late).
+    # Before it: the process, Ray and the engine actor starting (a minute on this loaded machine), which no budget
+    # counts; after it: the summary and its plot.
+    assert run["storage_outage_seconds"] <= 2 * budget, (run, f"exit {first_failure:.1f}s after the first failure")
+    assert [r["source_uri"] for r in read_rows(str(out))] == [str(local / "local.png")]
+
+    flaky_s3.start()
+    p = cli(*argv, env=flaky_s3.env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["run"]["rows"] == 8, "the rerun does exactly the eight left"
+    rows = read_rows(str(out))
+    assert sorted(r["source_uri"] for r in rows) == sorted([str(local / "local.png"), *remote])
+    assert all(r["error_type"] is None for r in rows)
 
 
 # ---- any key ---------------------------------------------------------------------------------------------------------
