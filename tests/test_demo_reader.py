@@ -88,7 +88,10 @@ def test_batch_rows_and_documents_out_transcribe_held_out_pages(ray_session, tmp
         alone = engine.generate([engine.make_request(DEMO_PROMPT, [png])])[0].text.strip()
         assert by_page[(f"page-{i}.png", 1)] == alone, f"page {i}: batch row differs from the engine alone"
 
-    markdown = next((docs / "text").glob("letter*.md")).read_text()
+    lines = [json.loads(x) for x in (docs / "documents.jsonl").read_text().splitlines()]
+    assert len(lines) == 9, "one line per document: 8 single pages and the letter"
+    letter = next(x for x in lines if x["source"].endswith("letter.tiff"))
+    markdown = (docs / letter["metadata"]["text_path"]).read_text()
     chunks = markdown.split("<!-- page ")[1:]
     assert [c.split(" ", 1)[0].rstrip("->\n") for c in chunks] == ["1", "2", "3"], markdown
     texts = [c.split("-->", 1)[1].strip() for c in chunks]
@@ -96,8 +99,7 @@ def test_batch_rows_and_documents_out_transcribe_held_out_pages(ray_session, tmp
     assert sum(t == w for t, (_, w) in zip(texts, pages[8:], strict=True)) >= 2, (
         f"{texts} vs {[w for _, w in pages[8:]]}"
     )
-    line = json.loads((docs / "documents.jsonl").read_text().splitlines()[0])
-    assert line["text"] == "\n\n".join(texts), "documents.jsonl holds the same text"
+    assert letter["text"] == "\n\n".join(texts), "documents.jsonl holds the same text"
 
 
 @pytest.mark.skipif(READER is None, reason="no reader: test_the_shipped_demo_reader_reads_so_it_is_the_default fails")
