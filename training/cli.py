@@ -44,6 +44,7 @@ def add_commands(sub) -> None:
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--min-lr", type=float)
     p.add_argument("--grad-accum", type=int)
+    p.add_argument("--max-windows", type=int, help="windows per page in DRA/IFT (serving's default is 16)")
     p.add_argument("--image-size", type=int, help="the stage's ViT input size (the checkpoint's is interpolated to it)")
     p.add_argument("--patch-lr-mult", type=float, help="learning-rate multiplier of the ViT patch embedding")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
@@ -151,6 +152,7 @@ def cmd_train(args) -> int:
         max_text_len=args.max_text_len,
         patch_lr_mult=args.patch_lr_mult,
         image_size=args.image_size,
+        max_windows=args.max_windows,
     )
     output = Path(args.output)
     init = args.init

@@ -88,9 +88,10 @@ def diagnose(model: InfiMMHD, examples: list[Example], objective: str, head=None
             feats = model.encode_views(normalize_views(views.to(model.vision.pos_embed.device)))
             return {"heldout_word_accuracy": float(hit.float().mean()), "media_rms": _rms(feats)}
         own = float(batch_loss(model, examples, False)[0])
+        other = examples[1:] + examples[:1]  # each question with the next example's page (views and grid)
         rolled = [
-            Example(e.input_ids, e.labels, examples[(i + 1) % len(examples)].views, e.rows, e.cols, e.answer)
-            for i, e in enumerate(examples)
+            Example(e.input_ids, e.labels, o.views, o.rows, o.cols, e.answer)
+            for e, o in zip(examples, other, strict=True)
         ]
         shuffled = float(batch_loss(model, rolled, False)[0])
         media, _ = media_batch(model, examples, vision_grad=False)
