@@ -200,3 +200,14 @@ def test_diagnostics_are_logged_from_the_first_step_on_a_tiny_run(pretrained_cha
         assert all(0 < g < 1 for g in h["attn_gates"] + h["ff_gates"]), "tanh gates start at 0.5 and stay inside"
         assert h["image_gap"] == pytest.approx(h["heldout_loss_shuffled"] - h["heldout_loss"])
         assert 0 <= h["heldout_exact"] <= 1 and h["media_rms"] > 0
+
+
+def test_diagnose_pairs_questions_with_other_pages_of_any_grid(processor):
+    from training.diagnostics import diagnose
+
+    model = init_model(small_config(), seed=0)
+    pages = [example(processor, "invoice", views=2), example(processor, "table", views=5)]  # 1x1 + thumb, 2x2 + thumb
+    d = diagnose(model, pages, "answer", processor=processor)
+    assert d["image_gap"] == pytest.approx(d["heldout_loss_shuffled"] - d["heldout_loss"])
+    assert len(d["attended_tokens"]) == len(d["attn_gates"]) == len(model.xattn) and 0 <= d["heldout_exact"] <= 1
+    assert model.training, "the model is back in training mode afterwards"
