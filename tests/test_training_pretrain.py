@@ -211,3 +211,19 @@ def test_diagnose_pairs_questions_with_other_pages_of_any_grid(processor):
     assert d["image_gap"] == pytest.approx(d["heldout_loss_shuffled"] - d["heldout_loss"])
     assert len(d["attended_tokens"]) == len(d["attn_gates"]) == len(model.xattn) and 0 <= d["heldout_exact"] <= 1
     assert model.training, "the model is back in training mode afterwards"
+
+
+def test_train_eval_scores_every_layout_and_draws_every_stage(tmp_path):
+    """benchmarks/train_eval.py on the shipped reader, engine only, 3 pages of two layouts: per-layout JSON with the
+    first layout's figures at the top level (where runtime/checkpoints.py reads them) and the diagnostics PNG."""
+    from benchmarks import train_eval
+    from runtime.checkpoints import DEMO_CHECKPOINT
+
+    out = tmp_path / "eval.json"
+    argv = ["--checkpoint", str(DEMO_CHECKPOINT), "--layouts", "word-fixed,lines-random", "--n", "3"]
+    assert train_eval.main([*argv, "--skip-batch", "--skip-service", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["layouts"]) == {"word-fixed", "lines-random"}
+    assert result["engine"] == result["layouts"]["word-fixed"]["engine"] and result["engine"]["pages"] == 3
+    assert train_eval.score([("table", "table"), ("table", "tablx")]) == {"pages": 2, "cer": 0.1, "exact_match": 0.5}
+    assert out.with_suffix(".png").stat().st_size > 10_000, "the loss and diagnostics of every stage are drawn"
