@@ -152,9 +152,11 @@ def plot_curve(history: list[dict], png: Path) -> None:
             offsets[h["stage"]] = offset
         offset = max(offset, offsets[h["stage"]] + h["step"])
     loss_ax, *diag_axes = axes.flat[:7]
+    colors = {stage: f"C{i}" for i, stage in enumerate(stages)}  # one colour per stage in every panel
     for stage in stages:
         hs = [h for h in history if h["stage"] == stage and "loss" in h]
-        loss_ax.plot([offsets[stage] + h["step"] for h in hs], [h["loss"] for h in hs], label=f"stage {stage}")
+        xs = [offsets[stage] + h["step"] for h in hs]
+        loss_ax.plot(xs, [h["loss"] for h in hs], color=colors[stage], label=f"stage {stage}")
     loss_ax.set_title("training loss (per stage's objective)")
     loss_ax.set_yscale("log")
     loss_ax.legend(fontsize=7)
@@ -163,7 +165,8 @@ def plot_curve(history: list[dict], png: Path) -> None:
             hs = [h for h in history if h["stage"] == stage and key in h]
             if hs:
                 ys = [sum(h[key]) / len(h[key]) if isinstance(h[key], list) else h[key] for h in hs]
-                ax.plot([offsets[stage] + h["step"] for h in hs], ys, marker=".", label=f"stage {stage}")
+                xs = [offsets[stage] + h["step"] for h in hs]
+                ax.plot(xs, ys, marker=".", color=colors[stage], label=f"stage {stage}")
         ax.set_title(title + (" (mean over blocks)" if key in ("attended_tokens", "attn_gates") else ""))
         if key == "attended_tokens":
             ax.set_yscale("log")
@@ -178,7 +181,7 @@ def plot_curve(history: list[dict], png: Path) -> None:
 # Held-out page sets by layout (training.corpus settings; seed 12345 is never used for training).
 LAYOUTS = {
     "word-fixed": dict(kinds=("word",), layout="fixed", jitter=4),
-    "word-random": dict(kinds=("word",), layout="random", font_size=(28, 40)),
+    "word-random": dict(kinds=("word",), layout="random", font_size=(28, 44)),
     "lines-random": dict(kinds=("lines",), layout="random", font_size=(20, 28)),
     "word-multiwindow": dict(kinds=("word",), layout="random", width=(400, 560), aspect=(0.8, 1.3), font_size=(36, 48)),
 }
