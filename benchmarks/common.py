@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import os
 import platform
@@ -141,6 +142,52 @@ def serve_replica_pids(deployment: str, app: str | None = None) -> list[int]:
     `ray::ServeReplica:<app>:<dep>` and one running a call `ray::ServeReplica:<app>:<dep>.<method>`."""
     title = re.compile(rf"ray::ServeReplica:{re.escape(app) if app else '[^:]+'}:{re.escape(deployment)}(\.\w+)?")
     return sorted(pid for pid in live_pids() if title.fullmatch(cmdline(pid).split(" ", 1)[0]))
+
+
+def _socket_table(pid: int, proto: str) -> dict[int, tuple[str, int, str]]:
+    """inode -> (address, port, state hex) of /proc/<pid>/net/<proto> (the process's network namespace)."""
+    out = {}
+    try:
+        with open(f"/proc/{pid}/net/{proto}") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                addr, port = fields[1].rsplit(":", 1)
+                raw = bytes.fromhex(addr)
+                # the kernel prints each 32-bit word of the address in host (little-endian) order
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                ip = ipaddress.ip_address(words)
+                ip = str(getattr(ip, "ipv4_mapped", None) or ip)  # ::ffff:127.0.0.1 is an IPv4 socket's address
+                out[int(fields[9])] = (ip, int(port, 16), fields[3])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return out
+
+
+def listening_sockets(pids) -> dict[int, list[tuple[str, str, int]]]:
+    """pid -> [(protocol, address, port)] for every TCP socket listening and every UDP socket bound, of those
+    processes (their /proc/<pid>/fd links matched to /proc/<pid>/net/{tcp,tcp6,udp,udp6} by inode)."""
+    out = {}
+    for pid in pids:
+        try:
+            inodes = set()
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes.add(int(link[8:-1]))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        found = []
+        for proto, state in (("tcp", "0A"), ("tcp6", "0A"), ("udp", "07"), ("udp6", "07")):
+            for inode, (ip, port, st) in _socket_table(pid, proto).items():
+                if inode in inodes and st == state and port:
+                    found.append((proto, ip, port))
+        if found:
+            out[pid] = sorted(found)
+    return out
 
 
 def port_free(port: int) -> bool:

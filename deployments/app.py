@@ -77,6 +77,34 @@ def ingress_windows(a: ServeArgs):
     return checkpoint_windows(a.checkpoint or default_checkpoint(a.random_weights), a.window_config())
 
 
+def bind_internal_grpc_to_node_ip() -> None:
+    """Ray Serve (2.60, `replica.py` `_on_initialized`) starts an inter-deployment gRPC server in every replica on
+    `[::]:0`: every interface, although a local Ray keeps everything else on 127.0.0.1 and a local `infimm-hd serve`
+    promises loopback only. Serve has no setting for its address (ray-project/ray#64623 adds a port range, not a
+    host), so the replica binds it to the address Ray advertises for its node instead, the one handles connect to
+    (`node_ip` of the replica): 127.0.0.1 on a local Ray, the node's IP on a cluster. Called in each deployment's
+    constructor, which Serve runs before it starts that server. Without the hook (another Ray) nothing changes and
+    tests/test_loopback.py says so."""
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "binds_node_ip", False):
+        return
+
+    def bind_node_ip(server, address: str):
+        if address == "[::]:0":
+            import ray
+
+            ip = ray.util.get_node_ip_address()
+            address = f"[{ip}]:0" if ":" in ip else f"{ip}:0"
+        return bind(server, address)
+
+    bind_node_ip.binds_node_ip = True
+    replica.add_port_to_grpc_server = bind_node_ip
+
+
 def _metrics(a: ServeArgs):
     if not a.metrics:
         return None
@@ -97,6 +125,7 @@ class InfimmModel:
     """Owns one engine; every method is safe to call concurrently (the engine queues and batches)."""
 
     def __init__(self, args: dict):
+        bind_internal_grpc_to_node_ip()
         a = ServeArgs.model_validate(args)
         metrics = _metrics(a)
         engine = load_engine(a, observer=metrics.engine_observer() if metrics else None)
@@ -181,6 +210,7 @@ class OpenAIIngress:
     """Thin HTTP front: FastAPI routes from frontend.make_api around a handle to InfimmModel."""
 
     def __init__(self, model: DeploymentHandle, args: dict):
+        bind_internal_grpc_to_node_ip()
         a = ServeArgs.model_validate(args)
         api_key = a.api_key or os.environ.get(a.api_key_env) or None
         policy = ImagePolicy(
