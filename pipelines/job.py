@@ -255,7 +255,11 @@ def decoded_pages(records: pa.Table, config: JobConfig, storage: Storage):
         page_images=config.server is not None,
     )
     return (
-        ray.data.from_arrow(blocks)
+        # from_blocks: the blocks' metadata is computed here. from_arrow puts each block and runs one Ray task per
+        # block (get_table_block_metadata_schema) on workers that are just starting; in 2 of ~19 runs one of them
+        # aborted inside Ray's core ("Mutex corrupt: both reader and writer lock held", an absl check, not our code).
+        # Ray Data retries that task without limit, so no row was ever lost; this start does without those tasks.
+        ray.data.from_blocks(blocks)
         # Ray Data merges a task's outputs into blocks of up to 128 MiB: without the repartition the ranges of a long
         # document would travel as one block, and one decode task would render them all. The split keeps Ray's default
         # resource ask so that Ray Data fuses it with the repartition (one task, 1 CPU, short: it renders nothing);
