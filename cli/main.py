@@ -1,13 +1,18 @@
-"""`infimm-hd` command line: model commands here; `batch` and `serve` come from pipelines/ and deployments/.
+"""`infimm-hd` command line: the model commands here; `batch`, `serve` and `train` come from the front ends.
 
-The top of the package graph: it imports the front ends, nothing imports it.
+The top of the library's package graph: it imports pipelines/, deployments/ and training/ by name (so
+tests/test_layout.py sees those edges); only demo/ (`make demo` runs `batch run` through `main`) and tests import it.
 
     infimm-hd generate --checkpoint DIR --image PAGE.png --prompt "Transcribe this page."
     infimm-hd make-tiny-checkpoint DIR [--seed N] [--format safetensors|bin]
     infimm-hd convert-checkpoint SRC DST [--shard-gb 5] [--dtype bfloat16]
     infimm-hd plan-memory --gpu-memory 24GiB [--quantize int4] [--table]   (no GPU needed)
-    infimm-hd batch run|submit|status|logs ...     (pipelines/cli.py)
-    infimm-hd serve ...                            (deployments/cli.py)
+    infimm-hd batch run|submit|status|logs|stop ...   (pipelines/cli.py)
+    infimm-hd serve ...                               (deployments/cli.py)
+    infimm-hd train --stage N ...                     (training/cli.py)
+
+The front ends' CLIs are imported when the parser is built, not at import time: `--help` loads neither torch nor
+Ray, and without the [ray] extra their commands are left out instead of failing the model commands.
 """
 
 from __future__ import annotations
@@ -163,16 +168,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_convert)
 
-    for module in ("pipelines.cli", "deployments.cli", "training.cli"):
-        try:
-            mod = __import__(module, fromlist=["add_commands"])
-        except ModuleNotFoundError as e:  # the [ray] extra is not installed (or the module does not exist yet)
-            if e.name not in (module, "ray", "pyarrow", "pypdfium2", "fastapi"):
-                raise
-            logging.getLogger(__name__).debug("%s unavailable: %s", module, e)
-            continue
-        mod.add_commands(sub)
+    add_front_end_commands(sub)
     return parser
+
+
+# What the [ray] extra installs that the front ends' CLIs import: without it their commands are left out.
+RAY_EXTRA = ("ray", "pyarrow", "pypdfium2", "fastapi")
+
+
+def add_front_end_commands(sub: argparse._SubParsersAction) -> None:
+    """`batch`, `serve` and `train`: each front end's CLI registers its own commands through `add_commands`."""
+    try:
+        from pipelines import cli as batch_cli
+    except ModuleNotFoundError as e:
+        skip_front_end("pipelines.cli", e)
+    else:
+        batch_cli.add_commands(sub)
+    try:
+        from deployments import cli as serve_cli
+    except ModuleNotFoundError as e:
+        skip_front_end("deployments.cli", e)
+    else:
+        serve_cli.add_commands(sub)
+    try:
+        from training import cli as train_cli
+    except ModuleNotFoundError as e:
+        skip_front_end("training.cli", e)
+    else:
+        train_cli.add_commands(sub)
+
+
+def skip_front_end(module: str, e: ModuleNotFoundError) -> None:
+    if e.name not in RAY_EXTRA:  # a missing module of our own is a bug, not a missing extra
+        raise e
+    logging.getLogger(__name__).debug("%s unavailable: %s", module, e)
 
 
 def add_memory_flags(p: argparse.ArgumentParser) -> None:

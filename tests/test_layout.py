@@ -81,6 +81,40 @@ def test_layers_point_down():
     assert not upward, f"imports that point up or sideways between layers: {sorted(upward)}"
 
 
+def test_cli_sits_on_the_front_ends():
+    """cli/ imports the front ends' CLIs by name, so the graph (and the two tests above) see it above them."""
+    assert {"pipelines", "deployments", "training"} <= package_graph()["cli"]
+
+
+def test_imports_are_statements():
+    """An import by string (`__import__`, `importlib.import_module`) is invisible to the graph these tests read."""
+    hidden = [
+        f"{f.relative_to(ROOT)}:{node.lineno}"
+        for pkg in FIRST_PARTY
+        for f in package_files(pkg)
+        for node in ast.walk(ast.parse(f.read_text()))
+        if isinstance(node, ast.Call)
+        and (
+            (isinstance(node.func, ast.Name) and node.func.id == "__import__")
+            or (isinstance(node.func, ast.Attribute) and node.func.attr == "import_module")
+        )
+    ]
+    assert not hidden, f"imports by string: {hidden}"
+
+
+def test_cli_help_loads_neither_torch_nor_ray():
+    code = (
+        "import sys, contextlib, io\n"
+        "from cli.main import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help'])\n"
+        "print([m for m in ('torch', 'ray', 'model') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"`infimm-hd --help` loaded {out.stdout.strip()}"
+
+
 def test_import_model_does_not_load_ray():
     code = (
         "import sys, model; "
