@@ -2,6 +2,7 @@
 # The demo reader (checkpoints/demo-reader/): two pretraining stages that stand in for EVA-CLIP and Vicuna, then
 # InfiMM-HD's four stages (tiny presets, training/stages.py; all at 112 px) on a synthetic corpus, then the held-out evaluation.
 #   training/demo_recipe.sh [WORKDIR]     (default runs/demo-reader; run from the repository root)
+#   TRAIN_ARGS="--gpu" training/demo_recipe.sh    (extra `infimm-hd train` flags for every stage, e.g. one GPU each)
 # A stage whose output exists is skipped, so a rerun continues where an interrupted one stopped.
 set -euo pipefail
 W=${1:-runs/demo-reader}
@@ -12,7 +13,7 @@ export OMP_WAIT_POLICY=PASSIVE
 [ -e "$W/corpus-heldout/manifest.jsonl" ] ||
     python -m training.corpus "$W/corpus-heldout" --n 200 --seed 12345 --kinds word --layout fixed --jitter 4
 T=(--data "$W/corpus-train/manifest.jsonl" --eval-data "$W/corpus-heldout/manifest.jsonl" --threads 1 --seed "$SEED"
-    --checkpoint-every 100 --log-every 20 --diag-every 100)
+    --checkpoint-every 100 --log-every 20 --diag-every 100 ${TRAIN_ARGS:-})
 stage() {  # stage OUTPUT ARGS...: run one stage unless its output is there
     local out=$1; shift
     [ -e "$W/$out/config.json" ] || python -m cli.main train "$@" "${T[@]}" --output "$W/$out" --run-name "$out"
