@@ -1,7 +1,8 @@
 """Session-wide fixtures: golden vectors, a tiny random checkpoint, one local Ray instance, one SeaweedFS server.
 
 Everything binds 127.0.0.1. Ray is started once per session (lazily, only by tests that ask for it).
-Area-specific fixtures live next to the tests that use them.
+The tiny checkpoint's model and processor are loaded once per module that asks for them. Area-specific fixtures
+live next to the tests that use them; their shared helpers in tests/*_helpers.py (a test module never imports another).
 """
 
 from __future__ import annotations
@@ -40,6 +41,22 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from model.weights import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    """The tiny checkpoint's model, loaded once per test module (so one module's engines cannot affect another's)."""
+    from model import load_pretrained
+
+    return load_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint):
+    """The tiny checkpoint's processor (tokenizer, prompt template, views), once per test module."""
+    from model import Processor
+
+    return Processor.from_pretrained(tiny_checkpoint)
 
 
 @pytest.fixture(scope="session")

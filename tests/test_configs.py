@@ -8,29 +8,12 @@ import pytest
 import torch
 
 from model import InfiMMHD, InfiMMHDConfig
-from model.config import CrossAttnConfig, TextConfig, VisionConfig
 from model.engine import EncodedImage, Engine, EngineConfig, Request
 from model.sampling import SamplingParams
 from model.weights import init_random_, official_state_dict
 
 from . import naive_reference as naive
-
-CONFIGS = {
-    "gqa-every2": InfiMMHDConfig(
-        vision=VisionConfig(width=48, layers=1, head_width=12, mlp_ratio=2.0, embed_dim=16),
-        text=TextConfig(vocab_size=120, hidden=96, layers=6, heads=6, kv_heads=2, intermediate=128, max_positions=256),
-        xattn=CrossAttnConfig(every_n_layers=2, heads=3, dim_head=16, ff_mult=2),
-        image_token_id=119,
-        eoc_token_id=118,
-    ),
-    "narrow-every4": InfiMMHDConfig(
-        vision=VisionConfig(width=32, layers=3, head_width=8, mlp_ratio=1.5, embed_dim=8),
-        text=TextConfig(vocab_size=100, hidden=32, layers=4, heads=2, kv_heads=2, intermediate=48, max_positions=256),
-        xattn=CrossAttnConfig(every_n_layers=4, heads=2, dim_head=8, ff_mult=1),
-        image_token_id=99,
-        eoc_token_id=98,
-    ),
-}
+from .model_helpers import CONFIGS
 
 
 def build(name: str, seed: int = 0) -> InfiMMHD:

@@ -15,23 +15,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model import Processor, load_pretrained
 from model.engine import Engine, EngineConfig, EngineObserver
 from model.sampling import JSON_OBJECT, BatchSampler, SamplingParams, SequenceState
 
-from .test_engine import PAGES, QUESTIONS
+from .model_helpers import PAGES, QUESTIONS
 
 V = 512  # the tiny checkpoint's vocabulary
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return load_pretrained(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_checkpoint):
-    return Processor.from_pretrained(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

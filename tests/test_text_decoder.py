@@ -9,7 +9,7 @@ from model import InfiMMHD
 from model.attention import attention
 from model.weights import init_random_, official_state_dict
 
-from .test_configs import CONFIGS
+from .model_helpers import CONFIGS
 
 transformers = pytest.importorskip("transformers")
 
