@@ -18,7 +18,16 @@ import openai
 import pytest
 
 from tests.conftest import ROOT, free_port
-from tests.serve_helpers import bomb_png, data_url, image_message, noise_png, page_png, until, wait_for
+from tests.serve_helpers import (
+    bomb_png,
+    data_url,
+    image_message,
+    noise_png,
+    page_png,
+    serve_replica_pids,
+    until,
+    wait_for,
+)
 
 API_KEY = "sk-test-" + uuid.uuid4().hex[:12]
 MODEL = "infimm-hd"
@@ -449,10 +458,22 @@ def _count(samples, name: str, **labels) -> float:
     return sum(s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
+def _finish_reasons(port: int) -> dict[str, float]:
+    """Finished generations by finish reason, as the model replica exported them."""
+    out: dict[str, float] = collections.Counter()
+    for s in scrape(port) or []:
+        if s.name == "ray_infimm_requests_total":
+            out[s.labels.get("finish_reason")] += s.value
+    return dict(out)
+
+
 def test_full_model_queue_answers_503_with_retry_after_and_disconnects_abort(serve_app, ray_metrics_port):
     """Fill the model replica (max_ongoing_requests) with long streams, then the ingress's queue for it
     (max_queued_requests); the next request is refused at once with 503 + Retry-After. Closing the streams aborts
-    their generations in the engine."""
+    their generations in the engine, and only them: identical held requests once made the engine's abort raise and
+    fail all of them as "error" (tests/test_engine_abort.py)."""
+    model_pids = serve_replica_pids("InfimmModel", serve_app.name)
+    before = _finish_reasons(ray_metrics_port)
 
     async def main():
         client = _async_client(serve_app)
@@ -515,9 +536,25 @@ def test_full_model_queue_answers_503_with_retry_after_and_disconnects_abort(ser
         return r.status_code == 200 and r.json()["engine"]["active"] == 0 and r.json()["engine"]["waiting"] == 0
 
     wait_for(idle, 60, 0.5, "engine idle after the clients went away")
-    # the held generations were aborted in the engine (not run to their 900 tokens)
-    aborted = lambda: _count(scrape(ray_metrics_port) or [], "ray_infimm_requests_total", finish_reason="abort")  # noqa: E731
-    assert wait_for(aborted, 60, 2.0, "aborted requests in the metrics") >= 1
+
+    # the held generations were aborted in the engine (not run to their 800 tokens, not failed)
+    def settled():
+        now = _finish_reasons(ray_metrics_port)
+        return now if now.get("abort", 0) > before.get("abort", 0) else None
+
+    try:
+        wait_for(settled, 60, 2.0, "aborted requests in the metrics")
+    except AssertionError:
+        now = _finish_reasons(ray_metrics_port)
+        pids = serve_replica_pids("InfimmModel", serve_app.name)
+        raise AssertionError(
+            "no abort recorded for the cancelled streams: "
+            + ("the model replica restarted" if pids != model_pids else "same model replica")
+            + f" ({model_pids} -> {pids}); requests by finish reason before {before}, after {now}"
+            + ("" if now else " (ray_infimm_requests_total not exported)")
+        ) from None
+    now = _finish_reasons(ray_metrics_port)
+    assert now.get("error", 0) == before.get("error", 0), f"generations failed instead of aborting: {before} -> {now}"
 
 
 def test_64_clients_twice_get_200_or_503_with_retry_after(serve_app):
