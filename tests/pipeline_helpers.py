@@ -1,15 +1,21 @@
-"""Shared by the batch-pipeline tests: small job settings, reading an output folder back, reference answers."""
+"""Shared by the batch-pipeline tests: small job settings (as a JobConfig and as `batch run` flags), the batch CLI in a
+subprocess, decoding a file without Ray, reading an output folder back, reference answers."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from model.windows import WindowConfig
+from pipelines.documents import DecodeConfig, DecodePages
 from pipelines.job import JobConfig, output_parts
 from pipelines.rows import split_row_id
 from pipelines.storage import S3Settings, Storage
@@ -38,6 +44,47 @@ def config(checkpoint, inputs, output, **kw) -> JobConfig:
         **TEST_SETTINGS,
     )
     return replace(base, **kw)
+
+
+# The same small job on the command line (`--actors 1,1` is the default, so a test may still pass its own pool)
+SMALL_JOB_FLAGS = [
+    *("--max-new-tokens", str(TEST_SETTINGS["max_new_tokens"]), "--max-windows", str(TEST_SETTINGS["max_windows"])),
+    *("--dpi", str(TEST_SETTINGS["dpi"]), "--batch-size", str(TEST_SETTINGS["batch_size"])),
+    *("--max-slots", str(TEST_SETTINGS["max_slots"]), "--flush-seconds", str(TEST_SETTINGS["flush_seconds"])),
+    *("--gpus-per-actor", str(TEST_SETTINGS["gpus_per_actor"])),
+]
+
+# Decoding as the job's decode tasks do it, at the small job's window cap and dpi
+DECODE = DecodeConfig(windows=WindowConfig(max_windows=TEST_SETTINGS["max_windows"]), dpi=TEST_SETTINGS["dpi"])
+
+
+def decode(uri, prompts=(PROMPT,), done=(), config=DECODE, doc="d") -> list[dict]:
+    """The decoded-page rows of one file, without Ray."""
+    return list(
+        DecodePages(Storage(), config).pages(
+            {"uri": str(uri), "doc": doc, "prompts": list(prompts), "done": list(done)}
+        )
+    )
+
+
+def batch_cli(*args: str, timeout: float = 500, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m cli batch ARGS` in a subprocess (the console script's code path), with this environment plus `env`."""
+    return subprocess.run(
+        [sys.executable, "-m", "cli", "batch", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def batch_parser() -> argparse.ArgumentParser:
+    """A parser holding only the `batch` commands (pipelines/cli.py), for flag tests without a subprocess."""
+    from pipelines.cli import add_commands
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    return parser
 
 
 def read_rows(output: str, storage: Storage | None = None) -> list[dict]:

@@ -172,3 +172,26 @@ def test_every_first_party_import_resolves():
                     continue  # `from . import submodule`
                 missing.append(f"{f.relative_to(ROOT)}:{node.lineno} -> {'.'.join(parts)}")
     assert not missing, f"imports of modules that do not exist: {missing}"
+
+
+def test_no_test_module_imports_another():
+    """Tests share code through tests/*_helpers.py and conftest.py: importing a test module runs its module-level code
+    again and pulls its fixtures and tests into the importer's namespace."""
+
+    def imported(node: ast.AST) -> list[str]:  # the tests/ modules a statement imports
+        if isinstance(node, ast.Import):
+            return [a.name.split(".")[1] for a in node.names if a.name.startswith("tests.")]
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "tests"):
+            if node.module in (None, "tests"):
+                return [a.name for a in node.names]  # from . import x / from tests import x
+            return [node.module.split(".")[-1 if node.level else 1]]
+        return []
+
+    offenders = [
+        f"{f.relative_to(ROOT)}:{node.lineno} imports {name}"
+        for f in sorted((ROOT / "tests").glob("*.py"))
+        for node in ast.walk(ast.parse(f.read_text()))
+        for name in imported(node)
+        if name.startswith("test_")
+    ]
+    assert not offenders, f"test modules importing test modules (move what they share to a helper): {offenders}"

@@ -16,8 +16,7 @@ from pipelines.documents import TASK_SCHEMA, DecodeConfig, DecodePages, SplitDoc
 from pipelines.rows import OUTPUT_SCHEMA, prompt_key
 from pipelines.storage import Storage
 
-from .pipeline_helpers import PROMPT, by_page, check_documents, config, read_rows, write_files
-from .test_pipeline_stages import DECODE, decode
+from .pipeline_helpers import DECODE, PROMPT, by_page, check_documents, config, decode, read_rows, write_files
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -25,8 +25,17 @@ from pipelines.rows import DECODED_SCHEMA, OUTPUT_SCHEMA, row_id
 from pipelines.storage import S3Settings, Source, Storage
 
 from .corpus import _pdf
-from .pipeline_helpers import PROMPT, TEST_SETTINGS, check_documents, config, read_rows, write_files
-from .test_pipeline_stages import DECODE, decode
+from .pipeline_helpers import (
+    DECODE,
+    PROMPT,
+    TEST_SETTINGS,
+    batch_parser,
+    check_documents,
+    config,
+    decode,
+    read_rows,
+    write_files,
+)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -206,12 +215,9 @@ def test_pdf_text_pages_never_reach_the_engine(no_weights, tmp_path):
 
 
 def test_cli_flags_reach_the_job_and_survive_submit(tmp_path):
-    import argparse
+    from pipelines.cli import job_config, run_argv
 
-    from pipelines.cli import add_commands, job_config, run_argv
-
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command"))
+    parser = batch_parser()
     flags = ["--input", "in/", "--output", "out/", "--prompt", PROMPT, "--checkpoint", str(tmp_path)]
     flags += ["--documents-out", "docs/", "--use-pdf-text", "auto", "--pdf-text-min-chars", "20"]
     flags += ["--repetition-penalty", "1.2", "--no-repeat-ngram-size", "6", "--no-repetition-guard"]

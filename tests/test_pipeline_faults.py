@@ -31,6 +31,7 @@ from pipelines.storage import (
 )
 
 from .pipeline_helpers import PROMPT, by_page, config, read_rows, write_files
+from .pipeline_helpers import batch_cli as cli
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -48,18 +49,6 @@ def flaky_s3(tmp_path):
 
 def s3_settings(server: SeaweedFS, retry_seconds: float) -> S3Settings:
     return S3Settings.from_env(env=server.env(), retry_seconds=retry_seconds)
-
-
-def cli(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
-    import os
-
-    return subprocess.run(
-        [sys.executable, "-m", "cli", "batch", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def cli_timed(*args: str, env: dict) -> tuple[subprocess.CompletedProcess, float]:

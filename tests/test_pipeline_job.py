@@ -21,8 +21,7 @@ from pipelines.job import run_job
 from pipelines.storage import S3Settings, Storage, list_sources
 
 from .corpus import bad_corpus
-from .pipeline_helpers import PROMPT, Reference, by_page, config, read_rows, write_files
-from .test_pipeline_stages import decode
+from .pipeline_helpers import PROMPT, SMALL_JOB_FLAGS, Reference, by_page, config, decode, read_rows, write_files
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -183,20 +182,7 @@ def test_a_killed_driver_resumes_with_every_page_exactly_once(tiny_checkpoint, r
         PROMPT,
         "--checkpoint",
         str(tiny_checkpoint),
-        "--max-new-tokens",
-        "4",
-        "--max-windows",
-        "4",
-        "--dpi",
-        "72",
-        "--batch-size",
-        "2",
-        "--max-slots",
-        "4",
-        "--flush-seconds",
-        "0",
-        "--gpus-per-actor",
-        "0",
+        *SMALL_JOB_FLAGS,
         "--ray-address",
         gcs,
         "--no-progress",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -11,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from demo import samples
-from model.windows import WindowConfig
 from pipelines.documents import DecodeConfig, DecodePages
 from pipelines.generate import GenerateConfig, GenerateStage
 from pipelines.output import PartWriter, read_done_ids
@@ -20,17 +18,7 @@ from pipelines.rows import DECODED_SCHEMA, ERROR_TYPES, OUTPUT_SCHEMA, doc_key, 
 from pipelines.storage import Source, Storage, list_sources
 
 from .corpus import bad_corpus
-from .pipeline_helpers import PROMPT, TEST_SETTINGS, Reference
-
-DECODE = DecodeConfig(windows=WindowConfig(max_windows=TEST_SETTINGS["max_windows"]), dpi=72)
-
-
-def decode(uri, prompts=(PROMPT,), done=(), config=DECODE, doc="d") -> list[dict]:
-    return list(
-        DecodePages(Storage(), config).pages(
-            {"uri": str(uri), "doc": doc, "prompts": list(prompts), "done": list(done)}
-        )
-    )
+from .pipeline_helpers import DECODE, PROMPT, TEST_SETTINGS, Reference, batch_cli, batch_parser, decode
 
 
 @pytest.fixture(scope="module")
@@ -256,11 +244,10 @@ def test_an_unreadable_part_is_set_aside_not_counted(tmp_path):
 
 
 def test_submit_replays_the_run_flags(tmp_path):
-    from pipelines.cli import add_commands, run_argv
+    from pipelines.cli import run_argv
 
     (tmp_path / "prompts.txt").write_text("First?\n\n  Second?  \n")
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(dest="command"))
+    parser = batch_parser()
     args = parser.parse_args(
         [
             "batch",
@@ -290,27 +277,11 @@ def test_submit_replays_the_run_flags(tmp_path):
 
 
 def test_cli_refuses_a_job_without_prompts_before_writing_anything(tmp_path, tiny_checkpoint):
-    import subprocess
-    import sys
-
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "p.png").write_bytes(samples.png_page(0, (200, 260)))
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cli",
-            "batch",
-            "run",
-            "--input",
-            str(tmp_path / "in"),
-            "--output",
-            str(tmp_path / "out"),
-            "--checkpoint",
-            str(tiny_checkpoint),
-        ],
-        capture_output=True,
-        text=True,
+    p = batch_cli(
+        "run",
+        *("--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint)),
         timeout=120,
     )
     assert p.returncode == 2 and "no prompt for" in p.stderr and "Traceback" not in p.stderr

@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -20,7 +19,8 @@ import pytest
 
 from demo import samples
 
-from .pipeline_helpers import PROMPT, by_page, read_rows
+from .pipeline_helpers import PROMPT, SMALL_JOB_FLAGS, by_page, read_rows
+from .pipeline_helpers import batch_cli as cli
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -82,16 +82,6 @@ def ray_head():
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def cli(*args, env=None, timeout=500):
-    return subprocess.run(
-        [sys.executable, "-m", "cli", "batch", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        timeout=timeout,
-    )
-
-
 def test_submit_runs_the_job_on_the_cluster_and_status_and_logs_report_it(
     ray_head, s3_server, tiny_checkpoint, tmp_path
 ):
@@ -122,16 +112,7 @@ def test_submit_runs_the_job_on_the_cluster_and_status_and_logs_report_it(
         PROMPT,
         "--checkpoint",
         str(tiny_checkpoint),
-        "--max-new-tokens",
-        "4",
-        "--max-windows",
-        "4",
-        "--dpi",
-        "72",
-        "--batch-size",
-        "2",
-        "--max-slots",
-        "4",
+        *SMALL_JOB_FLAGS,
         env=auth,
     )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
