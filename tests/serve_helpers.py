@@ -1,4 +1,5 @@
-"""Helpers for the online-service tests: test images, an in-process server on 127.0.0.1, bounded polling."""
+"""Helpers for the online-service tests: test images, an in-process server and a tiny Serve app on 127.0.0.1, bounded
+polling."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import threading
 import time
 import zlib
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 from PIL import Image, ImageDraw
 
@@ -89,6 +91,59 @@ def run_asgi(app, port: int):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@contextmanager
+def tiny_serve_app(checkpoint, name=None, route_prefix=None, args=None, model=None, ingress=None):
+    """infra/serve.yaml's app on `checkpoint` with one CPU replica of the model (2 slots) and one of the ingress, run on
+    a Serve whose proxy binds 127.0.0.1 (started here, or the one another test module started); deleted afterwards.
+
+    `args` go on top of the app's args, `model` / `ingress` on top of each deployment's options (their
+    `ray_actor_options` merged key by key); `name` and `route_prefix` default to the config's. Yields base (the URL
+    with the route prefix), name, port and http (the config's http_options: the cluster's, never used here)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from deployments.app import application_from_config
+    from deployments.config import load_serve_config
+
+    from .conftest import ROOT, free_port
+
+    def options(base: dict, extra: dict | None) -> dict:
+        extra = dict(extra or {})
+        actor = {**base.pop("ray_actor_options"), **extra.pop("ray_actor_options", {})}
+        return {**base, **extra, "ray_actor_options": actor}
+
+    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    port = _get_global_client().http_config.port  # ours, or that of a Serve another test module started
+    assert _get_global_client().http_config.host == "127.0.0.1", "tests bind loopback only"
+    app, config_name, config_prefix, http = application_from_config(
+        load_serve_config(ROOT / "infra" / "serve.yaml"),
+        args={"checkpoint": str(checkpoint), "max_slots": 2, "max_seq_len": 1024, **(args or {})},
+        deployments={
+            "InfimmModel": options(
+                {
+                    "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1},
+                    "ray_actor_options": {"num_gpus": 0, "num_cpus": 1},
+                },
+                model,
+            ),
+            "OpenAIIngress": options(
+                {
+                    "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+                    "ray_actor_options": {"num_cpus": 0.5},
+                },
+                ingress,
+            ),
+        },
+    )
+    name, route_prefix = name or config_name, route_prefix or config_prefix
+    serve.run(app, name=name, route_prefix=route_prefix)
+    base = f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}"
+    try:
+        yield SimpleNamespace(base=base, name=name, port=port, http=http)
+    finally:
+        serve.delete(name)
 
 
 async def until(cond, what: str, timeout: float = 60.0, interval: float = 0.05) -> None:

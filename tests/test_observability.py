@@ -24,6 +24,7 @@ from .conftest import ROOT, free_port
 from .docs_helpers import docs_hooks
 from .pipeline_helpers import config as job_config
 from .pipeline_helpers import write_files
+from .serve_helpers import tiny_serve_app
 from .serve_helpers import wait_for as poll
 
 INFRA = ROOT / "infra"
@@ -109,35 +110,12 @@ def traffic(prometheus, ray_session, tiny_checkpoint, tmp_path_factory):
     summary = run_job(job_config(tiny_checkpoint, [docs], folder / "out"), progress=False)
     assert summary["run"]["rows"] == 3
 
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
-    from deployments.app import application_from_config
-    from deployments.config import load_serve_config
-
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    port = _get_global_client().http_config.port
-    app, name, _, _ = application_from_config(
-        load_serve_config(INFRA / "serve.yaml"),
-        args={"checkpoint": str(tiny_checkpoint), "max_slots": 2, "max_seq_len": 1024, "api_key": None},
-        deployments={
-            "InfimmModel": {
-                "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1},
-                "ray_actor_options": {"num_gpus": 0, "num_cpus": 1},
-            },
-            "OpenAIIngress": {
-                "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
-                "ray_actor_options": {"num_cpus": 0.5},
-            },
-        },
-    )
-    serve.run(app, name="obs", route_prefix="/obs")
-    url = f"http://127.0.0.1:{port}/obs/v1/chat/completions"
-    ok = {"model": "infimm-hd", "max_tokens": 4, "messages": [{"role": "user", "content": "Say something."}]}
-    statuses = [httpx.post(url, json=ok, timeout=120).status_code for _ in range(3)]
-    statuses.append(httpx.post(url, json={**ok, "max_tokens": 0}, timeout=60).status_code)  # refused: 400
-    assert statuses == [200, 200, 200, 400]
-    try:
+    with tiny_serve_app(tiny_checkpoint, "obs", "/obs", {"api_key": None}) as app:
+        url = app.base + "/v1/chat/completions"
+        ok = {"model": "infimm-hd", "max_tokens": 4, "messages": [{"role": "user", "content": "Say something."}]}
+        statuses = [httpx.post(url, json=ok, timeout=120).status_code for _ in range(3)]
+        statuses.append(httpx.post(url, json={**ok, "max_tokens": 0}, timeout=60).status_code)  # refused: 400
+        assert statuses == [200, 200, 200, 400]
         # both frontends visible in Prometheus before the panels are evaluated
         wait_for(prometheus, 'ray_infimm_pages_total{frontend="batch"}')
         wait_for(prometheus, 'ray_infimm_requests_total{frontend="serve"}')
@@ -147,8 +125,6 @@ def traffic(prometheus, ray_session, tiny_checkpoint, tmp_path_factory):
         wait_for(prometheus, f'rate(ray_infimm_requests_total{{frontend="serve"}}[{RANGE}])')
         wait_for(prometheus, f"increase(ray_infimm_rejected_requests_total[{RANGE}])")
         yield summary
-    finally:
-        serve.delete(name)
 
 
 def dashboard_targets() -> list[tuple[str, str, str]]:

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import io
-from types import SimpleNamespace
 
 import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, free_port
-from tests.serve_helpers import data_url, image_message, peak_rss_bytes, reset_peak_rss, rss_bytes, serve_replica_pids
+from tests.serve_helpers import (
+    data_url,
+    image_message,
+    peak_rss_bytes,
+    reset_peak_rss,
+    rss_bytes,
+    serve_replica_pids,
+    tiny_serve_app,
+)
 
 APP = "hostile"
 BODY_TIMEOUT_S = 3.0
@@ -25,38 +31,9 @@ BODY_TIMEOUT_S = 3.0
 
 @pytest.fixture(scope="module")
 def hostile_app(ray_session, tiny_checkpoint):
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
-    from deployments.app import application_from_config
-    from deployments.config import load_serve_config
-
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    port = _get_global_client().http_config.port
-    app, _, _, _ = application_from_config(
-        load_serve_config(ROOT / "infra" / "serve.yaml"),
-        args={
-            "checkpoint": str(tiny_checkpoint),
-            "max_slots": 2,
-            "max_seq_len": 1024,
-            "body_timeout_s": BODY_TIMEOUT_S,
-            "limits": {"default_max_tokens": 4},
-        },
-        deployments={
-            "InfimmModel": {
-                "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1},
-                "ray_actor_options": {"num_gpus": 0, "num_cpus": 1},
-            },
-            "OpenAIIngress": {
-                "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
-                "ray_actor_options": {"num_cpus": 0.5},
-            },
-        },
-    )
-    serve.run(app, name=APP, route_prefix="/hostile")
-    base = f"http://127.0.0.1:{port}/hostile"
-    yield SimpleNamespace(base=base, port=port)
-    serve.delete(APP)
+    args = {"body_timeout_s": BODY_TIMEOUT_S, "limits": {"default_max_tokens": 4}}
+    with tiny_serve_app(tiny_checkpoint, APP, "/hostile", args) as app:
+        yield app
 
 
 def chat(app, body: dict, timeout: float = 60) -> httpx.Response:
