@@ -29,7 +29,7 @@ from runtime.local_ray import prepare_local_env  # noqa: E402
 prepare_local_env()  # a script that starts its own local Ray; before Ray is imported
 
 from benchmarks.common import document_page, emit, environment  # noqa: E402
-from pipelines.documents import DecodePages  # noqa: E402
+from pipelines.decode import DecodePages  # noqa: E402
 
 MB = 2**20
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -1,7 +1,7 @@
 """The document batch job: list -> decode on CPU -> engine on a GPU actor pool -> Parquet parts, resumable.
 
     sources (driver: list inputs, drop what is done)
-      -> SplitDocuments    Ray tasks: read, count pages, long documents -> page ranges      (pipelines/documents.py)
+      -> SplitDocuments    Ray tasks: read, count pages, long documents -> page ranges      (pipelines/decode.py)
       -> DecodePages       Ray tasks (CPU), one per range: render PDF pages, decode images, cut windows
       -> GenerateStage     Ray actor pool, num_gpus per actor, autoscaling MIN..MAX           (pipelines/generate.py)
       -> PartWriter        the driver, streaming: dedupe by id, write `part-<run>-<n>.parquet` files
@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 
 from runtime.local_ray import prepare_local_env
 
-from .documents import PDF_TEXT_MODES, DecodeConfig, DecodePages, SplitDocuments
+from .decode import PDF_TEXT_MODES, DecodeConfig, DecodePages, SplitDocuments
 from .documents_out import write_documents
 from .generate import GenerateConfig, GenerateStage
 from .output import PartWriter, output_parts, read_done_ids, record_settings
@@ -98,7 +98,7 @@ class JobConfig:
     wait_for_resources: bool = False
     # -- digitization (issue 12) --
     documents_out: str | None = None  # folder for one text file per document + documents.jsonl (documents_out.py)
-    use_pdf_text: str = "never"  # "never" | "auto" | "always": answer PDF pages with their text layer (documents.py)
+    use_pdf_text: str = "never"  # "never" | "auto" | "always": answer PDF pages with their text layer (decode.py)
     pdf_text_min_chars: int = 50  # letters/digits a text layer needs to count as usable ("auto")
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0

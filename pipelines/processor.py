@@ -19,7 +19,7 @@ Stages (as Ray's processors: every input column is carried to the postprocess):
                    pickled: a Dataset column of mixed bytes / PIL / numpy images has no Arrow type)
     Prepare        Ray tasks (CPU), one row each: resolve each image (bytes, PIL image, numpy array, `data:` URL,
                    local path, s3:// URI; a PDF page with `"page": n`), decode it and cut its windows with the batch
-                   job's pieces (pipelines/documents.py: open_document, classify; model.windows.cut_views); check
+                   job's pieces (pipelines/decode.py: open_document, classify; model.windows.cut_views); check
                    the messages and the sampling parameters
     Engine         an actor pool (`concurrency`, `gpus_per_replica`), the batch job's GenerateStage (engine loaded
                    once per actor, one `generate` call per batch, a failing batch retried one request at a time)
@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .documents import DecodeConfig, PdfDocument, classify, open_document
+from .decode import DecodeConfig, PdfDocument, classify, open_document
 from .generate import GenerateConfig, GenerateStage
 from .replicas import ServerSettings, ServerStage
 from .storage import S3Settings, Storage

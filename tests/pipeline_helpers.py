@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from model.windows import WindowConfig
-from pipelines.documents import DecodeConfig, DecodePages
+from pipelines.decode import DecodeConfig, DecodePages
 from pipelines.job import JobConfig, output_parts
 from pipelines.rows import split_row_id
 from pipelines.storage import S3Settings, Storage

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from demo.samples import page_image, pdf_document, png_page, tiff_document
-from pipelines.documents import DecodeConfig, open_document
+from pipelines.decode import DecodeConfig, open_document
 from pipelines.processor import InfimmProcessorConfig
 
 QUESTION = "Transcribe the text of this page."

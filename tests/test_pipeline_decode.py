@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from demo import samples
-from pipelines.documents import TASK_SCHEMA, DecodeConfig, DecodePages, SplitDocuments
+from pipelines.decode import TASK_SCHEMA, DecodeConfig, DecodePages, SplitDocuments
 from pipelines.rows import OUTPUT_SCHEMA, prompt_key
 from pipelines.storage import Storage
 

@@ -15,7 +15,7 @@ import pytest
 
 from demo import samples
 from model.engine import Result, Timings
-from pipelines.documents import DecodeConfig, usable_pdf_text
+from pipelines.decode import DecodeConfig, usable_pdf_text
 from pipelines.documents_out import file_name, write_documents
 from pipelines.generate import GenerateConfig, GenerateStage
 from pipelines.job import run_job
@@ -99,7 +99,7 @@ def test_hyphen_joined_by_pdfium_is_put_back():
     import pypdfium2 as pdfium
 
     from model.windows import WindowConfig
-    from pipelines.documents import PdfDocument
+    from pipelines.decode import PdfDocument
 
     content = "BT /F1 11 Tf 14 TL 40 700 Td (A well-) Tj T* (known fact.) Tj ET"
     pdf = _pdf(

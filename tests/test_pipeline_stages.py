@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from demo import samples
-from pipelines.documents import DecodeConfig, DecodePages
+from pipelines.decode import DecodeConfig, DecodePages
 from pipelines.generate import GenerateConfig, GenerateStage
 from pipelines.output import PartWriter, read_done_ids
 from pipelines.plan import plan_sources

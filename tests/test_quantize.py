@@ -275,7 +275,7 @@ def test_batch_stage_and_serve_replica_run_quantized(tiny_checkpoint, tmp_path):
     from deployments.app import load_engine
     from deployments.config import ServeArgs
     from model.windows import WindowConfig
-    from pipelines.documents import DecodeConfig, DecodePages
+    from pipelines.decode import DecodeConfig, DecodePages
     from pipelines.generate import GenerateConfig, GenerateStage
     from pipelines.rows import DECODED_SCHEMA
     from pipelines.storage import Storage

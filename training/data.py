@@ -2,7 +2,7 @@
 
 Manifests are `.jsonl`, `.csv` or `.parquet`, local or `s3://` (columns `uri`, `prompt`, `answer`; others ignored;
 relative local uris resolve against the manifest's folder), read with the batch job's `Storage`. Pages go through
-the batch job's decoding (`pipelines.documents.open_document`, then `model.windows.cut_views` with the stage's window
+the batch job's decoding (`pipelines.decode.open_document`, then `model.windows.cut_views` with the stage's window
 settings), so training sees exactly the views serving will; a PDF's first page is used.
 """
 
@@ -78,7 +78,7 @@ class DecodeExamples:
         self.processor = Processor(load_tokenizer(tokenizer_dir), cfg, self.windows)
 
     def example(self, uri: str, prompt: str, answer: str) -> dict:
-        from pipelines.documents import DecodeConfig, open_document
+        from pipelines.decode import DecodeConfig, open_document
 
         from .modeling import encode_example
 
