@@ -17,7 +17,6 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, free_port
 from tests.serve_helpers import (
     bomb_png,
     data_url,
@@ -25,6 +24,7 @@ from tests.serve_helpers import (
     noise_png,
     page_png,
     serve_replica_pids,
+    tiny_serve_app,
     until,
     wait_for,
 )
@@ -46,50 +46,20 @@ MODEL_ONGOING, MODEL_QUEUED = 4, 4  # small so that backpressure is cheap to rea
 
 @pytest.fixture(scope="module")
 def serve_app(ray_session, s3_server, tiny_checkpoint):
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
-    from deployments.app import application_from_config
-    from deployments.config import load_serve_config
-
-    serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    port = _get_global_client().http_config.port  # ours, or that of a Serve another test module started
+    args = {
+        "api_key": API_KEY,
+        "s3_endpoint_url": s3_server.endpoint,
+        "allowed_s3_prefixes": ["serve-pages/docs/", "serve-gone"],
+        "request_timeout_s": 120,
+        "limits": LIMITS,
+    }
+    model = {"max_ongoing_requests": MODEL_ONGOING, "max_queued_requests": MODEL_QUEUED}
     s3_env = {"runtime_env": {"env_vars": s3_server.env()}}  # credentials for boto3 inside the ingress replica
-    app, name, prefix, http = application_from_config(
-        load_serve_config(ROOT / "infra" / "serve.yaml"),
-        args={
-            "checkpoint": str(tiny_checkpoint),
-            "max_slots": 2,
-            "max_seq_len": 1024,
-            "api_key": API_KEY,
-            "s3_endpoint_url": s3_server.endpoint,
-            "allowed_s3_prefixes": ["serve-pages/docs/", "serve-gone"],
-            "request_timeout_s": 120,
-            "limits": LIMITS,
-        },
-        deployments={
-            "InfimmModel": {
-                "max_ongoing_requests": MODEL_ONGOING,
-                "max_queued_requests": MODEL_QUEUED,
-                "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 1},
-                "ray_actor_options": {"num_gpus": 0, "num_cpus": 1},
-            },
-            "OpenAIIngress": {
-                "max_ongoing_requests": 32,
-                "max_queued_requests": 16,
-                "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
-                "ray_actor_options": {"num_cpus": 0.5, **s3_env},
-            },
-        },
-    )
-    assert http["host"] == "0.0.0.0", "infra/serve.yaml is the cluster config (the RayService embeds it)"
-    assert _get_global_client().http_config.host == "127.0.0.1", "tests bind loopback only"
-    serve.run(app, name=name, route_prefix=prefix)
-    base = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(
-        base=base, name=name, client=openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
-    )
-    serve.delete(name)
+    ingress = {"max_ongoing_requests": 32, "max_queued_requests": 16, "ray_actor_options": s3_env}
+    with tiny_serve_app(tiny_checkpoint, args=args, model=model, ingress=ingress) as app:
+        assert app.http["host"] == "0.0.0.0", "infra/serve.yaml is the cluster config (the RayService embeds it)"
+        client = openai.OpenAI(base_url=app.base + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        yield SimpleNamespace(base=app.base, name=app.name, client=client)
 
 
 @pytest.fixture(scope="module")
