@@ -96,7 +96,7 @@ class JobConfig:
     ray_progress: bool = False  # Ray Data's own per-operator progress bars
     # A pool the cluster cannot place is refused up front; with this, waited for (an autoscaling cluster adds nodes).
     wait_for_resources: bool = False
-    # -- digitization (issue 12) --
+    # -- digitization: PDF text layer, documents out, retries --
     documents_out: str | None = None  # folder for one text file per document + documents.jsonl (documents_out.py)
     use_pdf_text: str = "never"  # "never" | "auto" | "always": answer PDF pages with their text layer (decode.py)
     pdf_text_min_chars: int = 50  # letters/digits a text layer needs to count as usable ("auto")

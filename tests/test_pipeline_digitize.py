@@ -1,4 +1,4 @@
-"""Digitization features of the batch job (issue 12): the PDF text layer and skipping generation with it, the
+"""Digitization features of the batch job: the PDF text layer and skipping generation with it, the
 repetition guard's temperature ladder, and the per-document output (Markdown + Dolma-style JSONL), on a real local Ray.
 """
 
