@@ -401,3 +401,12 @@ def test_a_real_error_in_a_stream_still_logs_its_traceback(caplog):
         _call(app, STREAM_BODY, stays)
     assert gone() == 0 and model.closed == 1
     assert any(r.exc_info and "unhandled error" in r.getMessage() for r in caplog.records), _tracebacks(caplog)
+
+
+def test_replicas_fix_glibcs_malloc_thresholds():
+    """deployments.app.level_malloc, which both deployments call first in their constructors: on this glibc machine
+    every mallopt setting is accepted. The soak that shows RSS levelling off: benchmarks/serve_memory.py
+    (docs/operating.md)."""
+    from deployments import app
+
+    assert app.level_malloc() is True, "mallopt refused a setting"
