@@ -65,7 +65,9 @@ SWITCHES: dict[str, dict] = {
     "vocab_pad_off": dict(vocab_pad=0),
     "late_copy_off": dict(late_copy=False),
     "kv_bucket_128": dict(kv_bucket=128),
-    "cuda_graphs_off": dict(cuda_graphs=False),
+    "cuda_graphs_off": dict(cuda_graphs=False),  # eager decode: attention over each slot's own length
+    "cuda_graphs_off_bucket": dict(cuda_graphs=False, decode_attention="bucket"),  # eager, one masked bucket
+    "packed_prefill_off": dict(packed_prefill=False),  # prefill padded to the longest prompt, masked
     "compile_on": dict(compile=True),
 }
 SCHEDULER_SWITCHES: dict[str, dict] = {  # need the ViT, so they run the full standard job

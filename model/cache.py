@@ -1,4 +1,5 @@
-"""Explicit state objects passed to `forward`: the self-attention KV cache and the cross-attention media K/V.
+"""Explicit state objects passed to `forward`: the self-attention KV cache and the cross-attention media K/V; and the
+engine's feature cache of encoded pages.
 
 Legend: L layers, S slots (cache rows), Tmax columns, Hkv key/value heads, Dh head width,
 Hx cross-attention heads, M media (visual) tokens, dx cross-attention head width.
@@ -10,6 +11,7 @@ every decode step (spec §4.4); here they are projected once per request.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 
 import torch
@@ -34,9 +36,11 @@ class KVCache:
         return self.k.shape[1]
 
     def write(self, layer: int, slots: torch.Tensor, cols: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v (B, Hkv, T, Dh) go to rows `slots` (B,) at columns `cols` (B, T)."""
-        self.k[layer][slots[:, None], :, cols] = k.transpose(1, 2)  # indexed view is (B, T, Hkv, Dh)
-        self.v[layer][slots[:, None], :, cols] = v.transpose(1, 2)
+        """k, v (B, Hkv, T, Dh) go to rows `slots` (B,) at columns `cols` (B, T); or, for packed prompts (several
+        requests' tokens in one row), to rows `slots` (B, T) given per token."""
+        rows = slots[:, None] if slots.dim() == 1 else slots
+        self.k[layer][rows, :, cols] = k.transpose(1, 2)  # indexed view is (B, T, Hkv, Dh)
+        self.v[layer][rows, :, cols] = v.transpose(1, 2)
 
     def read(self, layer: int, rows: int, kv_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [0, rows), columns [0, kv_len): views (rows, Hkv, kv_len, Dh)."""
@@ -99,3 +103,40 @@ class MediaKV:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class FeatureCache:
+    """Encoded pages (ViT features with the window encoding added) by `PageViews.cache_key`, LRU, bounded in bytes.
+
+    Looking (`key in cache`, `get`) counts nothing: the engine counts `hits` and `misses` once per image of an admitted
+    request (a miss: the page went through the ViT for that request; a hit: its features were there already, in this
+    cache or encoded for another request of the same step). `evictions`: pages dropped to stay within `max_bytes`."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.items: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+        self.hits = self.misses = self.evictions = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.items
+
+    def get(self, key: str) -> torch.Tensor | None:
+        t = self.items.get(key)
+        if t is not None:
+            self.items.move_to_end(key)  # most recently used
+        return t
+
+    def counts(self) -> tuple[int, int, int]:
+        return self.hits, self.misses, self.evictions
+
+    def put(self, key: str, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if key in self.items or size > self.max_bytes:
+            return
+        self.items[key] = t
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.items.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+            self.evictions += 1

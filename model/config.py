@@ -238,4 +238,49 @@ PRESETS: dict[str, InfiMMHDConfig] = {
         image_token_id=511,
         eoc_token_id=510,
     ),
+    # The decoder of the engine-vs-vLLM CPU benchmark (`benchmarks/vllm_cpu.py`): a 168 M-parameter Llama (hidden
+    # 1024, 8 layers, 16 heads, ffn 2816, the official vocabulary), with the tiny ViT and cross-attention. Text-only
+    # prompts skip the cross-attention, so the same decoder weights load into vLLM as a `LlamaForCausalLM`.
+    "bench-168m": InfiMMHDConfig(
+        vision=VisionConfig(width=64, layers=2, head_width=16, mlp_ratio=2.6875, embed_dim=32),
+        text=TextConfig(hidden=1024, layers=8, heads=16, kv_heads=16, intermediate=2816, max_positions=2048),
+        xattn=CrossAttnConfig(heads=4, dim_head=16),
+    ),
 }
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The generation engine (`engine.py`): slots, batching limits, hot-path switches and memory."""
+
+    max_slots: int = 8  # sequences decoded together
+    max_seq_len: int = 1024  # prompt + new tokens per slot
+    max_views: int | None = None  # views of the image a slot keeps for decoding; None: the processor's max_windows + 1
+    vit_batch_views: int = 32  # views per ViT forward (bounds activation memory)
+    max_prefill_batch: int = 16  # requests admitted and prefilled together (bounds transient media K/V memory)
+    feature_cache_mb: int = 1024  # LRU of encoded pages by `PageViews.cache_key`
+    cuda_graphs: bool = True  # capture decode steps on CUDA (ignored on CPU)
+    kv_bucket: int = 32  # decode attends to a multiple of this many columns (finer: less read; coarser: fewer graphs)
+    # Eager decode steps (CPU, or CUDA without graphs) attend over each slot's own length: neighbouring slots are
+    # grouped into ranges, each reading up to its longest slot (a range of one slot: exactly its keys, no mask); a new
+    # range costs one more attention call, worth `decode_split_bytes` of keys read. "bucket": one call up to the
+    # longest slot rounded to kv_bucket, masked (what CUDA graphs always use: their shapes are fixed).
+    decode_attention: str = "own_length"  # own_length | bucket
+    decode_split_bytes: int = 256 * 1024
+    # Hot-path switches. Each gives the same tokens on or off (tests/test_engine.py); benchmarks/gpu.py measures each.
+    interleave_vit: bool = True  # encode at most `vit_step_views` views per step, decoding the running slots between
+    vit_step_views: int = 64  # (whole pages, at least one) so decode never waits for the ViT of a whole admission
+    dense_attention: bool = True  # no mask where every query may attend every key (lets SDPA use flash kernels)
+    packed_prefill: bool = True  # prompts packed back to back (real tokens only); off: padded to the longest, masked
+    media_align: int = 128  # media buffers, and media lengths decoded with a mask, padded to a multiple of this
+    precompute: bool = True  # RoPE cos/sin cast once per step, gate tanh once per engine (not in every layer)
+    fused_norm: bool = True  # RMSNorm through F.rms_norm (1 reduction kernel instead of 5 element-wise ones)
+    compile: bool = False  # torch.compile RMSNorm and SwiGLU (compile time dominates on the CPU)
+    cpu_packed_linear: bool = True  # CPU: decoder and LM-head linears via oneDNN, weights packed once (cpu_linear.py)
+    vocab_pad: int = 64  # output GEMM over the vocabulary padded to a multiple of this (logits sliced back); 0: off
+    late_copy: bool | None = None  # sampled ids copied to the host one step late (None: on CUDA only); see _decode
+    # Memory (model/quantize.py, model/memory.py): weights quantized while loading; with gpu_memory_utilization the
+    # engine sizes max_slots, vit_batch_views and max_prefill_batch (then upper bounds) to that fraction of the card.
+    quantize: str = "none"  # none | int8 | int4 | fp8
+    gpu_memory_utilization: float | None = None
+    gpu_memory_bytes: int | None = None  # the card's size to plan for (default: the CUDA device's total)

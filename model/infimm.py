@@ -123,6 +123,56 @@ class InfiMMHD(nn.Module):
                 xin = xin.without_full_mask()
         return ctx, xin
 
+    def packed_inputs(
+        self,
+        prompts: list[list[int]],
+        media_kv: MediaKV | None,
+        media_items: list[list[int]],
+        *,
+        dense: bool = True,
+        rope_dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, SelfAttnContext, CrossAttnInputs | None]:
+        """Whole prompts packed back to back into one row of T = sum of their lengths (no padding): ids (1, T) and
+        the attention inputs. Prompt i is tokens [a_i, b_i), at positions 0..b_i - a_i - 1, attending causally within
+        itself; its cross-attention reads media row i of `media_kv`, whose items (images) have `media_items[i]` tokens
+        each, one after another (an empty list: no media).
+
+        Built on the host from the prompt lists (no device sync). dense: drop cross-attention masks that let every
+        query through (then SDPA may take a mask-free kernel).
+        """
+        dev = self.decoder.embed_tokens.weight.device
+        lengths = [len(p) for p in prompts]
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        segments = list(zip([0] + ends[:-1], ends, strict=True))
+        ids = torch.tensor([t for p in prompts for t in p])  # (T,) on the host
+        positions = torch.cat([torch.arange(n) for n in lengths]).to(dev)  # (T,)
+        cos, sin = self.decoder.rope_at(positions[None], rope_dtype)  # (1, 1, T, Dh/2)
+        ctx = SelfAttnContext(cos=cos, sin=sin, mask=None, fresh=True, segments=segments)
+        ctx.cols = positions[None]  # (1, T) cache columns: each prompt from column 0 of its slot
+        xin = None
+        if media_kv is not None:
+            is_image = (ids == self.config.image_token_id).long()
+            text_time = torch.cat([is_image[a:b].cumsum(0) for a, b in segments])  # (T,) per prompt
+            row_masks: list[torch.Tensor | None] = []
+            flag = torch.zeros(ids.shape[0], dtype=torch.bool)
+            for r, (a, b) in enumerate(segments):
+                tt, sizes = text_time[a:b], media_items[r]
+                if int(tt[-1]) > len(sizes):
+                    raise ValueError(f"prompt has {int(tt[-1])} <image> tokens but only {len(sizes)} media items")
+                flag[a:b] = tt[-1] > 0
+                key_time = torch.arange(1, len(sizes) + 1).repeat_interleave(torch.tensor(sizes, dtype=torch.long))
+                mask = (key_time[None, :] == tt[:, None]) | (tt == 0)[:, None]  # (b - a, m); text_time 0: anywhere
+                row_masks.append(None if (dense and bool(mask.all())) else mask.to(dev)[None, None])
+            xin = CrossAttnInputs(
+                media=media_kv,
+                mask=None,
+                attends=(text_time > 0).to(dev)[None, None, :, None],
+                flag=flag.to(dev)[None, :, None],
+                segments=[(a, b, sum(m)) for (a, b), m in zip(segments, media_items, strict=True)],
+                row_masks=row_masks,
+            )
+        return ids.to(dev)[None], ctx, xin
+
     def forward(
         self,
         input_ids: torch.Tensor,

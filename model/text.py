@@ -98,6 +98,10 @@ class SelfAttnContext:
     * cached (decode): the new keys/values are written at `cols` of rows `slots`, then each row b attends over
       `cache` row b, columns [0, kv_len), masked by `mask` (B, 1, T, kv_len).
     * `mask` None with `causal` (fresh, every row a full prompt): the kernel's own causal path, no mask tensor.
+    * `segments` (fresh, packed): B = 1 row holding several prompts back to back, prompt i at tokens [a_i, b_i);
+      each attends causally within its own segment (no padding, no mask); `slots` and `cols` are then (1, T).
+    * `ranges` (cached, T = 1): rows [r0, r1) attend over cache columns [0, L) of their own rows with `mask` (r1 - r0,
+      1, 1, L) or None; a range of one row reads exactly its own keys, unmasked. Used instead of `kv_len` and `mask`.
     """
 
     cos: torch.Tensor  # (B, 1, T, Dh/2)
@@ -109,6 +113,8 @@ class SelfAttnContext:
     cols: torch.Tensor | None = None  # (B, T) cache columns written
     kv_len: int = 0
     causal: bool = False  # only with mask None
+    segments: list[tuple[int, int]] | None = None  # packed prompts: (start, end) of each in the row
+    ranges: list[tuple[int, int, int, torch.Tensor | None]] | None = None  # decode: (r0, r1, L, mask) per row range
     kernels: Kernels = field(default=REFERENCE_KERNELS)
 
 
@@ -129,9 +135,20 @@ class SelfAttention(nn.Module):
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         if ctx.cache is not None:
             ctx.cache.write(layer, ctx.slots, ctx.cols, k, v)
-        if not ctx.fresh:
-            k, v = ctx.cache.read(layer, B, ctx.kv_len)  # (B, Hkv, kv_len, Dh)
-        out = attention(q, k, v, ctx.mask, causal=ctx.causal and ctx.mask is None)  # (B, H, T, Dh)
+        if ctx.ranges is not None:  # decode over each row range's own length (see SelfAttnContext)
+            parts = []
+            for r0, r1, L, mask in ctx.ranges:
+                kr, vr = ctx.cache.k[layer, r0:r1, :, :L], ctx.cache.v[layer, r0:r1, :, :L]  # (r, Hkv, L, Dh)
+                parts.append(attention(q[r0:r1], kr, vr, mask))
+            out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        elif ctx.segments is not None:  # packed prompts: causal attention within each, over its own tokens only
+            out = torch.cat(
+                [attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal=True) for a, b in ctx.segments], 2
+            )
+        else:
+            if not ctx.fresh:
+                k, v = ctx.cache.read(layer, B, ctx.kv_len)  # (B, Hkv, kv_len, Dh)
+            out = attention(q, k, v, ctx.mask, causal=ctx.causal and ctx.mask is None)  # (B, H, T, Dh)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
 
 

@@ -32,6 +32,11 @@ class CrossAttnInputs:
     attends: torch.Tensor  # (B, 1, T, 1) bool, False where text_time == 0 (output forced to 0)
     flag: torch.Tensor  # (B, 1, 1) bool, rows with at least one <image>
     gates: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per block (tanh attn_gate, tanh ff_gate), (D,)
+    # Packed prompts (one row of T tokens from several requests): media row r belongs to tokens [a, b) and has m real
+    # keys; `mask` is then None and `row_masks[r]` (1, 1, b - a, m) or None (all True); attends (1, 1, T, 1) and
+    # flag (1, T, 1) are per token.
+    segments: list[tuple[int, int, int]] | None = None
+    row_masks: list[torch.Tensor | None] | None = None
 
     @classmethod
     def build(
@@ -80,10 +85,22 @@ class MaskedCrossAttention(nn.Module):
             v.view(B, M, self.heads, self.dim_head).transpose(1, 2),
         )
 
-    def forward(self, x, k, v, mask: torch.Tensor | None, attends: torch.Tensor) -> torch.Tensor:
+    def forward(self, x, k, v, mask: torch.Tensor | None, attends: torch.Tensor, segments=None, row_masks=None):
         B, T, _ = x.shape
         q = self.to_q(self.norm(x)).view(B, T, self.heads, self.dim_head).transpose(1, 2)  # (B, Hx, T, dx)
-        out = attention(q, k, v, mask) * attends  # (B, Hx, T, dx); exact zeros before the first <image>
+        if segments is None:
+            out = attention(q, k, v, mask)
+        else:  # packed: each request's tokens attend to its own media row, its m real keys only
+            out = torch.cat(
+                [
+                    attention(q[:, :, a:b], k[r : r + 1, :, :m], v[r : r + 1, :, :m], row_masks[r])
+                    if m
+                    else q.new_zeros(1, self.heads, b - a, self.dim_head)  # no media: the block is skipped anyway
+                    for r, (a, b, m) in enumerate(segments)
+                ],
+                dim=2,
+            )
+        out = out * attends  # (B, Hx, T, dx); exact zeros before the first <image>
         return self.to_out(out.transpose(1, 2).reshape(B, T, self.heads * self.dim_head))
 
 
@@ -106,6 +123,6 @@ class GatedCrossAttentionBlock(nn.Module):
         k, v = inputs.media.k[layer], inputs.media.v[layer]
         # tanh of the gates: computed once per engine when it passes them in, else here (2 kernels per block)
         g_attn, g_ff = inputs.gates[layer] if inputs.gates is not None else (self.attn_gate.tanh(), self.ff_gate.tanh())
-        y = x + self.attn(x, k, v, inputs.mask, inputs.attends) * g_attn
+        y = x + self.attn(x, k, v, inputs.mask, inputs.attends, inputs.segments, inputs.row_masks) * g_attn
         y = y + self.ff(y) * g_ff
         return torch.where(inputs.flag, y, x)  # rows without media: exact identity

@@ -356,6 +356,8 @@ ALL_OFF = dict(
     late_copy=False,
     kv_bucket=128,
     max_prefill_batch=8,
+    packed_prefill=False,
+    decode_attention="bucket",
 )
 SWITCHES = {  # one switch on at a time over ALL_OFF, then all of them (compile: see tests/test_benchmarks.py)
     "interleave_vit": dict(interleave_vit=True, vit_step_views=6),
@@ -366,6 +368,8 @@ SWITCHES = {  # one switch on at a time over ALL_OFF, then all of them (compile:
     "late_copy": dict(late_copy=True),
     "kv_bucket": dict(kv_bucket=16),
     "prefill_batch": dict(max_prefill_batch=32),
+    "packed_prefill": dict(packed_prefill=True),
+    "own_length": dict(decode_attention="own_length"),
     "all": dict(
         interleave_vit=True,
         vit_step_views=6,
@@ -375,6 +379,8 @@ SWITCHES = {  # one switch on at a time over ALL_OFF, then all of them (compile:
         vocab_pad=96,
         late_copy=True,
         kv_bucket=16,
+        packed_prefill=True,
+        decode_attention="own_length",
     ),
 }
 
@@ -402,13 +408,13 @@ def test_each_hot_path_switch_gives_the_same_tokens(model, processor, expected_i
     config = EngineConfig(max_slots=3, max_seq_len=160, **{**ALL_OFF, **SWITCHES[switch]})
     engine = Engine(model, processor, config)
     dense_steps = []
-    real = engine.decode_forward
+    real = engine.runner.decode_forward
 
-    def spy(n, kv_len, m, dense, tokens, positions):
+    def spy(n, kv_len, m, dense, tokens, positions, **kw):
         dense_steps.append(dense)
-        return real(n, kv_len, m, dense, tokens, positions)
+        return real(n, kv_len, m, dense, tokens, positions, **kw)
 
-    engine.decode_forward = spy
+    engine.runner.decode_forward = spy
     for name, reqs in sets.items():
         fresh = [Request(r.prompt_ids, r.images, r.sampling) for r in reqs]  # new ids and arrival times
         assert [r.token_ids for r in engine.generate(fresh)] == expected[name], f"{switch} changed {name}"
@@ -422,8 +428,8 @@ def test_switches_keep_the_logits_within_tolerance(model, processor):
     def logits_of(config):
         engine = Engine(model, processor, config)
         seen = []
-        real = engine._logits
-        engine._logits = lambda h: seen.append(real(h)) or seen[-1]
+        real = engine.runner.logits
+        engine.runner.logits = lambda h: seen.append(real(h)) or seen[-1]
         req = engine.make_request(QUESTIONS[1], [PAGES[0]], SamplingParams(max_new_tokens=12, stop_token_ids=()))
         engine.generate([req])
         return torch.cat(seen)  # (1 + decode steps, vocab)
@@ -465,7 +471,7 @@ def test_a_dropped_engine_is_freed_without_a_garbage_collection(model, processor
 
     engine = Engine(model, processor, EngineConfig(max_slots=2, max_seq_len=160, late_copy=True))
     engine.generate([engine.make_request(QUESTIONS[0], [PAGES[2]], SamplingParams(max_new_tokens=3))])
-    engine._graphs = DecodeGraphs(2, engine.device)  # what a CUDA engine holds (no capture on the CPU)
+    engine.runner.graphs = DecodeGraphs(2, engine.device)  # what a CUDA engine holds (no capture on the CPU)
     kv = weakref.ref(engine.kv.k)
     ref = weakref.ref(engine)
     gc.disable()
@@ -499,7 +505,7 @@ def test_a_failed_graph_capture_is_reported_and_decoding_goes_on_eagerly(model, 
     from model.engine import DecodeGraphs
 
     engine = Engine(model, processor, EngineConfig(max_slots=2, max_seq_len=160))
-    engine._graphs = DecodeGraphs(2, engine.device)  # capture needs CUDA: on the CPU it fails at the first step
+    engine.runner.graphs = DecodeGraphs(2, engine.device)  # capture needs CUDA: on the CPU it fails at the first step
     req = engine.make_request(QUESTIONS[0], [PAGES[0]], SamplingParams(max_new_tokens=6, stop_token_ids=()))
     got = engine.generate([req])[0].token_ids
     report = engine.graph_report()
