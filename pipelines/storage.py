@@ -127,7 +127,11 @@ class OutageClock:
 
 class SharedClock:
     """An OutageClock in a Ray actor (no CPU), for the decode tasks and the driver of one job. Picklable: the tasks
-    get the actor's handle. A success is reported without waiting for the answer."""
+    get the actor's handle. A success is reported without waiting for the answer.
+
+    The actor lives on the driver's node (a worker node may be removed mid-job) and is restarted if it dies anyway;
+    a restarted clock has forgotten the outage, and a call that finds it gone answers "no outage", so a lost clock
+    only falls back to each call's own retry budget, never fails the job."""
 
     def __init__(self, handle):
         self.handle = handle
@@ -135,26 +139,32 @@ class SharedClock:
     @classmethod
     def start(cls, seconds: float) -> SharedClock:
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        return cls(ray.remote(num_cpus=0)(OutageClock).remote(seconds))
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+        actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here)(OutageClock)
+        return cls(actor.remote(seconds))
 
-    def failed(self) -> float:
+    def _ask(self, method: str, default):
         import ray
 
-        return ray.get(self.handle.failed.remote())
+        try:
+            return ray.get(getattr(self.handle, method).remote())
+        except ray.exceptions.RayActorError:
+            log.warning("the job's outage clock is gone; storage calls keep their own retry budgets")
+            return default
+
+    def failed(self) -> float:
+        return self._ask("failed", 0.0)
 
     def ok(self) -> None:
         self.handle.ok.remote()
 
     def tripped(self) -> bool:
-        import ray
-
-        return ray.get(self.handle.tripped.remote())
+        return self._ask("tripped", False)
 
     def age(self) -> float:
-        import ray
-
-        return ray.get(self.handle.age.remote())
+        return self._ask("age", 0.0)
 
     def stop(self) -> None:
         import ray
