@@ -129,9 +129,8 @@ class SharedClock:
     """An OutageClock in a Ray actor (no CPU), for the decode tasks and the driver of one job. Picklable: the tasks
     get the actor's handle. A success is reported without waiting for the answer.
 
-    The actor lives on the driver's node (a worker node may be removed mid-job) and is restarted if it dies anyway;
-    a restarted clock has forgotten the outage, and a call that finds it gone answers "no outage", so a lost clock
-    only falls back to each call's own retry budget, never fails the job."""
+    The actor lives on the driver's node (a worker node may be removed mid-job); a call that finds it gone anyway
+    answers "no outage", so a lost clock only falls back to each call's own retry budget, never fails the job."""
 
     def __init__(self, handle):
         self.handle = handle
@@ -142,7 +141,7 @@ class SharedClock:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
-        actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here)(OutageClock)
+        actor = ray.remote(num_cpus=0, scheduling_strategy=here)(OutageClock)
         return cls(actor.remote(seconds))
 
     def _ask(self, method: str, default):
