@@ -104,3 +104,13 @@ def s3_server(tmp_path_factory):
         else:
             os.environ[k] = v
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The tiny tokenizer on disk (base vocabulary 510, as the tiny and demo configs)."""
+    from model.tokenizer import save_tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    save_tiny_tokenizer(folder, base_vocab=510)
+    return folder

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.config import InfiMMHDConfig, VisionConfig
 from model.weights import load_pretrained
+from tests.training_helpers import small_config
 from training.corpus import CorpusConfig, generate
 from training.diagnostics import attended_tokens
 from training.modeling import (
@@ -26,20 +26,6 @@ from training.modeling import (
     words_loss,
 )
 from training.stages import FULL, stage_spec
-
-
-def small_config(image_size: int = 56) -> InfiMMHDConfig:
-    tiny = InfiMMHDConfig.preset("tiny")
-    return tiny.replace(vision=VisionConfig(**{**tiny.vision.__dict__, "image_size": image_size}))
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    from model.tokenizer import save_tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp("tok")
-    save_tiny_tokenizer(folder, base_vocab=510)
-    return folder
 
 
 @pytest.fixture(scope="module")
