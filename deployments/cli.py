@@ -10,6 +10,7 @@ Production deploys use the Serve config directly: `serve deploy infra/serve.yaml
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -109,6 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # every process Ray started (raylet, GCS, DashboardAgent, RuntimeEnvAgent, workers) and frees their ports. The
     # default action would end this process alone and leave Ray's agents running, holding the metrics port.
     signal.signal(signal.SIGTERM, _interrupt)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: what to look at when a start or a stop hangs
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     local = args.ray_address is None and not os.environ.get("RAY_ADDRESS")
     env = prepare_local_env() if local else {}  # before `import ray`: a local Ray stays on loopback
     from runtime.checkpoints import resolve_checkpoint

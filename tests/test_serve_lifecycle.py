@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 import httpx
 import pytest
@@ -59,7 +60,13 @@ def test_signal_stops_everything_and_frees_the_ports(tiny_checkpoint, tmp_path, 
         names = {cmdline(p).split(" ", 1)[0] for p in started}
         assert any("raylet" in n for n in names) and len(started) > 3, names  # Ray's processes are in the tree
         os.kill(proc.pid, sig)
-        assert proc.wait(timeout=120) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        try:
+            code = proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGUSR1)  # where the stop hangs: every thread's stack, into the log
+            time.sleep(3)
+            raise AssertionError("serve did not exit:\n" + (tmp_path / "serve.log").read_text()[-12000:]) from None
+        assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
         left = lambda: {p: cmdline(p) for p in started & set(live_pids())}  # noqa: E731
         try:
             wait_for(lambda: not left(), 60, 1.0, "every started process gone")
