@@ -1,4 +1,5 @@
-"""Shared by the model and engine tests: tiny configs the golden vectors do not cover, and a few generated pages."""
+"""Shared by the model and engine tests: tiny configs the golden vectors do not cover, a few generated pages, and what
+the engine tests watch an engine with (its logits, its finished requests)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from PIL import Image, ImageDraw
 
 from model import InfiMMHDConfig
 from model.config import CrossAttnConfig, TextConfig, VisionConfig
+from model.engine import EngineObserver
 
 # Widths, depths, GQA and block placements other than the tiny preset's (test_configs.py, test_text_decoder.py)
 CONFIGS = {
@@ -46,3 +48,30 @@ PAGES = [
     page(300, 300, "x"),
 ]
 QUESTIONS = ["Transcribe this page.", "What is the total?", "Who was present?"]
+
+
+def record_logits(engine) -> list:
+    """Every row of logits `engine` computes from now on (prefill rows, then each decode step's active rows)."""
+    seen = []
+    real = engine.runner.logits
+
+    def spy(h):
+        seen.append(real(h))
+        return seen[-1]
+
+    engine.runner.logits = spy
+    return seen
+
+
+class Finishes(EngineObserver):
+    """The result of every request the engine finishes, by request id (aborted ones included)."""
+
+    def __init__(self):
+        self.results = {}
+
+    def on_finish(self, result):
+        self.results[result.request_id] = result
+
+    @property
+    def reasons(self) -> dict[str, str]:
+        return {rid: r.finish_reason for rid, r in self.results.items()}

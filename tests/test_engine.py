@@ -4,45 +4,17 @@ reproducibility, feature-cache reuse, stop conditions, streaming and incremental
 from __future__ import annotations
 
 import asyncio
-import io
 import random
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
-from model import ChatMessage, Processor, load_pretrained
+from model import ChatMessage, Processor
 from model.engine import Engine, EngineConfig, EngineObserver, Request
 from model.sampling import IncrementalDetokenizer, SamplingParams, byte_token_ids
 from model.windows import normalize_views
 
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return load_pretrained(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_checkpoint):
-    return Processor.from_pretrained(tiny_checkpoint)
-
-
-def page(w: int, h: int, text: str) -> bytes:
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    for i, line in enumerate(text.split("\n")):
-        d.text((20, 20 + 30 * i), line, fill="black")
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-PAGES = [
-    page(900, 1300, "INVOICE 2024-0117\nTotal 200.40"),
-    page(1400, 500, "Minutes of the meeting"),
-    page(300, 300, "x"),
-]
-QUESTIONS = ["Transcribe this page.", "What is the total?", "Who was present?"]
+from .model_helpers import PAGES, QUESTIONS, Finishes, page, record_logits
 
 
 def reference(model, processor, req: Request) -> list[int]:
@@ -258,14 +230,6 @@ def _question_and_page(req, processor):
     return question, [req.images[0]]
 
 
-class Finishes(EngineObserver):
-    def __init__(self):
-        self.results = {}
-
-    def on_finish(self, result):
-        self.results[result.request_id] = result
-
-
 def test_cancelled_stream_is_aborted_and_frees_its_slot(model, processor):
     finishes = Finishes()
     engine = Engine(model, processor, EngineConfig(max_slots=1, max_seq_len=300), observer=finishes)
@@ -427,9 +391,7 @@ def test_switches_keep_the_logits_within_tolerance(model, processor):
 
     def logits_of(config):
         engine = Engine(model, processor, config)
-        seen = []
-        real = engine.runner.logits
-        engine.runner.logits = lambda h: seen.append(real(h)) or seen[-1]
+        seen = record_logits(engine)
         req = engine.make_request(QUESTIONS[1], [PAGES[0]], SamplingParams(max_new_tokens=12, stop_token_ids=()))
         engine.generate([req])
         return torch.cat(seen)  # (1 + decode steps, vocab)

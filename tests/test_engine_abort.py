@@ -9,34 +9,17 @@ the step raised, and the engine failed every request in flight as "error" (the S
 from __future__ import annotations
 
 import asyncio
-import io
 
-from PIL import Image, ImageDraw
-
-from model.engine import Engine, EngineConfig, EngineObserver
+from model.engine import Engine, EngineConfig
 from model.sampling import SamplingParams
 
-
-class Finished(EngineObserver):
-    def __init__(self):
-        self.reasons: dict[str, str] = {}
-
-    def on_finish(self, result) -> None:
-        self.reasons[result.request_id] = result.finish_reason
-
-
-def page_png() -> bytes:
-    img = Image.new("RGB", (600, 400), "white")
-    ImageDraw.Draw(img).text((20, 20), "Same page for everyone", fill="black")
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
+from .model_helpers import Finishes, page
 
 
 def test_aborting_a_request_queued_behind_an_identical_one_aborts_only_it(tiny_checkpoint):
-    finished = Finished()
+    finished = Finishes()
     engine = Engine.from_pretrained(tiny_checkpoint, device="cpu", config=EngineConfig(max_slots=1), observer=finished)
-    png = page_png()
+    png = page(600, 400, "Same page for everyone")
     sampling = SamplingParams(max_new_tokens=48, min_new_tokens=48)  # A holds the only slot while B and C wait
     a, b, c = (engine.make_request("Transcribe.", [png], sampling, request_id=i) for i in "abc")
 

@@ -3,35 +3,16 @@ the padded, masked paths, and the same tokens as single-request generate, for mi
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
-from model import ChatMessage, Processor, load_pretrained
+from model import ChatMessage, load_pretrained
 from model.engine import Engine, EngineConfig
 from model.sampling import SamplingParams
 
+from .model_helpers import page, record_logits
+
 PADDED = dict(packed_prefill=False, decode_attention="bucket")
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return load_pretrained(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_checkpoint):
-    return Processor.from_pretrained(tiny_checkpoint)
-
-
-def page(w: int, h: int, text: str) -> bytes:
-    img = Image.new("RGB", (w, h), "white")
-    ImageDraw.Draw(img).text((20, 20), text, fill="black")
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
 
 
 def requests(engine, new_tokens=8):
@@ -52,14 +33,7 @@ def requests(engine, new_tokens=8):
 def logits_of(model, processor, slots, **config):
     """Every row of logits the engine computes (prefill rows, then each decode step's active rows)."""
     engine = Engine(model, processor, EngineConfig(max_slots=slots, max_seq_len=256, late_copy=False, **config))
-    seen = []
-    real = engine.runner.logits
-
-    def spy(h):
-        seen.append(real(h))
-        return seen[-1]
-
-    engine.runner.logits = spy
+    seen = record_logits(engine)
     results = engine.generate(requests(engine))
     return [r.token_ids for r in results], seen
 
@@ -121,9 +95,7 @@ def test_onednn_packed_linears_keep_tokens_and_logits(tiny_checkpoint, processor
     runs = {}
     for name, m, on in (("plain", plain, False), ("packed", packed, True)):
         engine = Engine(m, processor, EngineConfig(max_slots=3, max_seq_len=256, cpu_packed_linear=on))
-        seen = []
-        real = engine.runner.logits
-        engine.runner.logits = lambda h, real=real, seen=seen: seen.append(real(h)) or seen[-1]
+        seen = record_logits(engine)
         runs[name] = [r.token_ids for r in engine.generate(requests(engine))], seen
     assert not any(isinstance(x.__dict__.get("forward"), cpu_linear._PackedForward) for x in plain.modules())
     assert sum(isinstance(x.__dict__.get("forward"), cpu_linear._PackedForward) for x in packed.modules()) > 0
