@@ -8,6 +8,8 @@ its byte cap and starts evicting), text requests, and streams that the client dr
 generation is aborted in the engine). After each round the RSS of both replica processes is read from /proc, with
 its parts (RssAnon: the heap; RssShmem: object-store pages the process has touched, which count in its RSS although
 they are shared memory that the object store reuses).
+With `--feature-cache-mb` small, the cache reaches its cap within the run and evicts from then on; each round also
+records the cache's bytes and evictions (from /ready), so the replica's RSS can be read less what the cache holds.
 Prints JSON: per-round RSS and its growth, and the growth over the second half of the rounds (what "levels off"
 means: after warm-up and the feature cache filling, later rounds should add little). Never asserts.
 """
@@ -92,12 +94,19 @@ def main(argv=None) -> dict:
     p.add_argument("--texts", type=int, default=8)
     p.add_argument("--dropped", type=int, default=4, help="streams dropped by the client after two chunks")
     p.add_argument("--size", type=int, default=896)
+    p.add_argument(
+        "--feature-cache-mb",
+        type=int,
+        default=1024,
+        help="the model replica's feature cache cap (serve arg feature_cache_mb); small: it fills within the run",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
     from runtime.local_ray import prepare_local_env
 
     env = prepare_local_env()
+    import httpx
     import ray
     from ray import serve
 
@@ -115,7 +124,12 @@ def main(argv=None) -> dict:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app, _, _, _ = application_from_config(
             load_serve_config(os.path.join(root, "infra", "serve.yaml")),
-            args={"checkpoint": str(default_tiny_checkpoint()), "max_slots": 4, "max_seq_len": 512},
+            args={
+                "checkpoint": str(default_tiny_checkpoint()),
+                "max_slots": 4,
+                "max_seq_len": 512,
+                "feature_cache_mb": args.feature_cache_mb,
+            },
             deployments={
                 "InfimmModel": {
                     "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
@@ -136,6 +150,7 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             statuses = asyncio.run(one_round(base, r, args.pages, args.texts, args.dropped, args.size))
             time.sleep(1.0)  # aborted streams leave the engine
+            engine = httpx.get(base + "/ready", timeout=30).json()["engine"]
             rounds.append(
                 {
                     "round": r,
@@ -145,6 +160,8 @@ def main(argv=None) -> dict:
                     "model_mb": round(rss_bytes(model) / 2**20, 1),
                     "ingress_parts_mb": {k: round(v / 2**20, 1) for k, v in rss_parts(ingress).items()},
                     "model_parts_mb": {k: round(v / 2**20, 1) for k, v in rss_parts(model).items()},
+                    "feature_cache_mb": round(engine["feature_cache_bytes"] / 2**20, 1),
+                    "feature_cache_evictions": engine["feature_cache_evictions"],
                 }
             )
             print(rounds[-1], file=sys.stderr)
@@ -165,6 +182,8 @@ def main(argv=None) -> dict:
             }
             for k in ("ingress_mb", "model_mb")
         },
+        # the replica's RSS less what its feature cache holds: the part that must not grow once warmed up
+        "model_less_feature_cache_mb": [round(r["model_mb"] - r["feature_cache_mb"], 1) for r in rounds],
         "environment": environment(),
     }
     emit(result, args.out)

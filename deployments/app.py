@@ -62,6 +62,7 @@ def load_engine(a: ServeArgs, observer=None):
             max_seq_len=min(a.max_seq_len, positions),
             quantize=a.quantize,
             gpu_memory_utilization=a.gpu_memory_utilization,
+            feature_cache_mb=a.feature_cache_mb,
         ),
         windows=a.window_config(),  # the engine's processor sets the window to the checkpoint's ViT size
         prompt_format=a.prompt_format,
