@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import re
 import warnings
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,34 +28,23 @@ from model.sampling import SamplingParams
 from model.windows import PageViews
 
 from .config import Limits
-from .schemas import APIError
+from .schemas import APIError, invalid_value
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class GenerationPayload:
-    """A chat request the ingress has checked: images are already PageViews, sampling fields validated."""
+    """A chat request the ingress has checked: images are already PageViews, the sampling settings one SamplingParams
+    (`ChatCompletionRequest.sampling_params`). What depends on the prompt's length is resolved by `EngineServer.build`:
+    `sampling.max_new_tokens` and `min_new_tokens` there become the answer's real bounds."""
 
     request_id: str
     messages: list[ChatMessage]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     max_tokens: int | None = None  # None: limits.default_max_tokens, capped by the room left in the context
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    min_tokens: int = 0
-    ignore_eos: bool = False  # min_tokens = max_tokens: the stop tokens never end the answer early
+    ignore_eos: bool = False  # min_new_tokens = max_tokens: the stop tokens never end the answer early
     n: int = 1  # choices; they share the page encoding (Engine.fork)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    no_repeat_ngram_size: int = 0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    logprobs: bool = False
-    top_logprobs: int = 0
-    json_schema: str | None = None  # JSON text of the schema the output must satisfy (JSON_OBJECT: any object)
 
     # Across the Ray handle the cut views travel as numpy uint8 arrays, which Ray passes out of band (zero-copy through
     # the object store); a torch tensor would be pickled in band through torch.save (~4 ms per MB on this machine).
@@ -114,7 +102,7 @@ class EngineServer:
                 param="messages",
             )
         try:
-            req = e.make_chat_request(p.messages, SamplingParams(max_new_tokens=1), p.request_id)
+            req = e.make_chat_request(p.messages, p.sampling, p.request_id)
         except ValueError as err:  # e.g. an unknown role
             raise APIError(400, str(err), "invalid_request", param="messages") from None
         n = len(req.prompt_ids)
@@ -138,27 +126,15 @@ class EngineServer:
                 "context_length_exceeded",
                 param="max_tokens" if p.max_tokens else "messages",
             )
-        try:
-            req.sampling = SamplingParams(
+        try:  # only the lengths change; every other setting reaches the engine as the ingress built it
+            req.sampling = dataclasses.replace(
+                req.sampling,
                 max_new_tokens=new,
-                temperature=p.temperature,
-                top_p=p.top_p,
-                top_k=p.top_k,
-                seed=p.seed,
-                stop=tuple(p.stop),
-                min_new_tokens=new if p.ignore_eos else min(p.min_tokens, new),
-                presence_penalty=p.presence_penalty,
-                frequency_penalty=p.frequency_penalty,
-                repetition_penalty=p.repetition_penalty,
-                no_repeat_ngram_size=p.no_repeat_ngram_size,
-                logit_bias=p.logit_bias,
-                logprobs=p.logprobs,
-                top_logprobs=p.top_logprobs,
-                json_schema=p.json_schema,
+                min_new_tokens=new if p.ignore_eos else min(req.sampling.min_new_tokens, new),
             )
-            e.validate(req)
+            e.validate(req)  # once per request: the engine sees the stamp and does not check it again when queued
         except ValueError as err:
-            raise APIError(400, str(err), "invalid_request", param=_param_of(str(err))) from None
+            raise invalid_value(err) from None
         if self.max_waiting is not None and e.stats()["waiting"] >= self.max_waiting:
             raise APIError(
                 503,
@@ -212,18 +188,6 @@ class EngineServer:
     def shutdown(self) -> None:
         self.engine.shutdown()
         self._tokenize.shutdown(wait=False, cancel_futures=True)
-
-
-# SamplingParams / Engine.validate messages start with the field they are about; the client knows other names.
-_CLIENT_NAMES = {"json_schema": "response_format", "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
-
-
-def _param_of(message: str) -> str:
-    m = re.match(r"[a-z_]+", message)
-    name = m.group() if m else ""
-    if name in ("prompt", "empty") or not name:
-        return "messages"
-    return _CLIENT_NAMES.get(name, name)
 
 
 def _logprobs(entries) -> list[dict] | None:

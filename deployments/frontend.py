@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 import time
 import uuid
@@ -39,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from model.processor import ChatMessage
-from model.sampling import JSON_OBJECT
+from model.sampling import SamplingParams
 
 from .config import Limits
 from .engine_server import EngineServer, GenerationPayload
@@ -326,15 +325,15 @@ class Frontend:
                 )
 
     @staticmethod
-    def json_schema(req: ChatCompletionRequest) -> str | None:
-        kind = req.response_format_type
-        if kind == "json_object":
-            return JSON_OBJECT
-        if kind == "json_schema":
-            return json.dumps(req.response_format["json_schema"]["schema"])
-        return None
+    async def sampling(req: ChatCompletionRequest) -> SamplingParams:
+        """The request's SamplingParams, checked before any image is fetched; a JSON schema is compiled in a worker
+        thread (a large one takes milliseconds, and /health shares this event loop)."""
+        if req.json_schema is None:
+            return req.sampling_params()
+        return await asyncio.to_thread(req.sampling_params)
 
     async def build_payload(self, req: ChatCompletionRequest, request_id: str) -> GenerationPayload:
+        sampling = await self.sampling(req)
         urls = [p.image_url.url for m in req.messages for p in m.parts() if isinstance(p, ImagePart)]
         loaded = await asyncio.gather(*(self.fetcher.load(u) for u in urls), return_exceptions=True)
         for x in loaded:
@@ -356,25 +355,7 @@ class Frontend:
             parts = [next(pages) if isinstance(p, ImagePart) else p.text for p in m.parts()]
             messages.append(ChatMessage("system" if m.role == "developer" else m.role, parts))
         return GenerationPayload(
-            request_id=request_id,
-            messages=messages,
-            max_tokens=req.requested_max_tokens,
-            temperature=0.0 if req.temperature is None else req.temperature,  # greedy unless asked: the batch default
-            top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=req.top_k or 0,
-            seed=req.seed,
-            stop=tuple(req.stop_list),
-            min_tokens=req.min_tokens or 0,
-            ignore_eos=req.ignore_eos,
-            n=req.n,
-            presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-            no_repeat_ngram_size=req.no_repeat_ngram_size or 0,
-            logit_bias=tuple((int(k), v) for k, v in (req.logit_bias or {}).items()),
-            logprobs=bool(req.logprobs),
-            top_logprobs=req.top_logprobs or 0,
-            json_schema=self.json_schema(req),
+            request_id, messages, sampling, max_tokens=req.requested_max_tokens, ignore_eos=req.ignore_eos, n=req.n
         )
 
     # ---- routes ------------------------------------------------------------------------------------------------------

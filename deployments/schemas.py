@@ -7,16 +7,23 @@ penalties, logit_bias, logprobs, n, response_format), unknown fields are refused
 fields in `IGNORED` (`user`, `metadata`, ...) that change nothing about the answer. `top_k`, `min_tokens` and
 `ignore_eos` are extensions with vLLM's meaning (send them through the client's `extra_body`). Without `temperature`
 the answer is greedy (the batch pipeline's setting).
+
+The sampling fields become one `SamplingParams` here (`ChatCompletionRequest.sampling_params`), which travels to the
+engine as it is; a request field named as a `SamplingParams` field is copied by name, so a new sampling knob is a field
+of `ChatCompletionRequest`, a field of `SamplingParams` and its use in the sampler, nothing in between.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from model.sampling import JSON_OBJECT, SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant")
 
@@ -163,6 +170,35 @@ class ChatCompletionRequest(BaseModel):
     def response_format_type(self) -> str:
         return str((self.response_format or {}).get("type", "text"))
 
+    @property
+    def json_schema(self) -> dict | str | None:
+        kind = self.response_format_type
+        if kind == "json_object":
+            return JSON_OBJECT
+        if kind == "json_schema":
+            return self.response_format["json_schema"]["schema"]
+        return None
+
+    def sampling_params(self) -> SamplingParams:
+        """The request's sampling settings as the engine takes them, checked (APIError 400 naming the parameter).
+
+        Fields named as in SamplingParams are copied as sent, an absent one (None) keeping SamplingParams' default
+        (temperature 0: greedy, the batch pipeline's setting); only the fields the client knows by another name or
+        shape are spelled out below. The lengths are the client's: what depends on the prompt's length (no max_tokens,
+        ignore_eos, min_tokens over the room left) is resolved by EngineServer.build once the prompt is tokenized.
+        """
+        given = {name: getattr(self, name) for name in SHARED_SAMPLING_FIELDS if getattr(self, name) is not None}
+        given |= {
+            "max_new_tokens": self.requested_max_tokens,
+            "min_new_tokens": self.min_tokens,
+            "stop": tuple(self.stop_list),
+            "json_schema": self.json_schema,
+        }
+        try:
+            return SamplingParams(**{k: v for k, v in given.items() if v is not None})
+        except ValueError as err:
+            raise invalid_value(err) from None
+
     def unsupported(self, honoured: frozenset[str] = frozenset()) -> tuple[str, str] | None:
         """(param, message) for the first field this server cannot honour, or None.
 
@@ -177,6 +213,22 @@ class ChatCompletionRequest(BaseModel):
             if value is not None and not neutral(value):
                 return name, f"{name} is not supported by this server: {why}"
         return None
+
+
+# Request fields that are SamplingParams fields of the same name and meaning: `sampling_params` copies them by name.
+SHARED_SAMPLING_FIELDS = frozenset(f.name for f in dataclasses.fields(SamplingParams)) & frozenset(
+    ChatCompletionRequest.model_fields
+)
+# SamplingParams / Engine.validate messages start with the field they are about; the client knows these by other names.
+_CLIENT_NAMES = {"json_schema": "response_format", "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+
+def invalid_value(err: ValueError) -> APIError:
+    """A value SamplingParams or Engine.validate refused -> 400 naming the request's parameter."""
+    m = re.match(r"[a-z_]+", str(err))
+    name = m.group() if m else ""
+    param = "messages" if name in ("prompt", "empty", "") else _CLIENT_NAMES.get(name, name)
+    return APIError(400, str(err), "invalid_request", param=param)
 
 
 def _is(*values):

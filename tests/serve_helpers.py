@@ -65,6 +65,27 @@ def image_message(url: str, prompt: str) -> list[dict]:
     ]
 
 
+# One value, other than SamplingParams' default, for every request field that sets a SamplingParams field (the client's
+# names). Requests and SamplingParams share most names: tests fail for a shared field that has no value here.
+SAMPLING_BODY = {
+    "max_tokens": 6,
+    "min_tokens": 2,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "top_k": 40,
+    "seed": 7,
+    "stop": ["\n\n"],
+    "presence_penalty": 0.5,
+    "frequency_penalty": 0.25,
+    "repetition_penalty": 1.2,
+    "no_repeat_ngram_size": 3,
+    "logit_bias": {"300": 1.5},
+    "logprobs": True,
+    "top_logprobs": 2,
+    "response_format": {"type": "json_object"},
+}
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
     """Poll until predicate() is truthy (returned) or fail after `timeout` seconds."""
     deadline = time.monotonic() + timeout

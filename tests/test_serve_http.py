@@ -429,3 +429,46 @@ def test_bad_sampling_values_are_400_naming_the_parameter(stack, extra, param):
     )
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_every_sampling_field_of_the_request_reaches_the_engine(stack, monkeypatch):
+    """The SamplingParams the ingress builds crosses the handle (pickled) and is what the engine's Request holds, field
+    by field: a field lost on the way would be back at its default."""
+    import dataclasses
+    import pickle
+
+    from deployments.schemas import SHARED_SAMPLING_FIELDS
+    from model.sampling import SamplingParams
+    from tests.serve_helpers import SAMPLING_BODY
+
+    server, seen = stack.server, []
+    build = server.build
+    monkeypatch.setattr(server, "build", lambda p: seen.append((p, build(p))) or seen[-1][1])
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **SAMPLING_BODY}
+    r = httpx.post(stack.main + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    ((payload, request),) = seen
+    names = [f.name for f in dataclasses.fields(SamplingParams)]
+    sent = {n for n in names if getattr(payload.sampling, n) != getattr(SamplingParams(), n)}
+    client_names = SHARED_SAMPLING_FIELDS | {"max_new_tokens", "min_new_tokens", "json_schema"}
+    assert client_names <= sent, f"SAMPLING_BODY leaves {sorted(client_names - sent)} at the default"
+    wire = pickle.loads(pickle.dumps(payload, protocol=5))  # how it crosses the Ray handle
+    for n in names:
+        assert getattr(request.sampling, n) == getattr(wire.sampling, n) == getattr(payload.sampling, n), n
+
+
+def test_the_engine_checks_a_request_once(stack, monkeypatch):
+    """EngineServer.build validates (to answer a 400); queueing the request's n choices finds the stamp and does not
+    check again."""
+    engine = stack.server.engine
+    validate, worked = engine.validate, []
+
+    def counting(request):
+        before = request.validated
+        validate(request)
+        worked.append(request.validated is not before)  # a new stamp: the checks ran
+
+    monkeypatch.setattr(engine, "validate", counting)
+    r = _chat(stack, max_tokens=2, n=2, temperature=1.0, seed=3)
+    assert len(r.choices) == 2
+    assert sorted(worked) == [False, False, True], worked

@@ -103,6 +103,43 @@ def test_string_content_and_parts_parse_the_same():
     ).stop_list == ["END"]
 
 
+# ---- request -> SamplingParams --------------------------------------------------------------------------------------
+def test_a_request_without_sampling_fields_samples_as_the_engine_default():
+    from model.sampling import SamplingParams
+
+    req = parse_request(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}')
+    assert req.sampling_params() == SamplingParams()  # greedy: the batch pipeline's setting
+
+
+def test_each_sampling_field_of_the_request_reaches_sampling_params():
+    """Alone (with what it needs), every sampling field of the request changes the SamplingParams the ingress builds:
+    none is dropped on the way, whether copied by name or renamed (max_tokens, min_tokens, response_format)."""
+    from deployments.schemas import SHARED_SAMPLING_FIELDS
+    from tests.serve_helpers import SAMPLING_BODY
+
+    assert SHARED_SAMPLING_FIELDS <= set(SAMPLING_BODY), sorted(SHARED_SAMPLING_FIELDS - set(SAMPLING_BODY))
+    needs = {"top_logprobs": {"logprobs": True}}
+
+    def sampling(fields: dict):
+        return parse_request(_body(**fields)).sampling_params()
+
+    for name, value in [*SAMPLING_BODY.items(), ("max_completion_tokens", 5), ("stop", "END")]:
+        base = needs.get(name, {})
+        assert sampling(base | {name: value}) != sampling(base), name
+
+
+def test_sampling_values_the_schema_lets_through_are_400_naming_the_parameter():
+    for fields, param in [
+        ({"logit_bias": {"5": 500}}, "logit_bias"),
+        ({"logit_bias": {"7": 1, "07": 2}}, "logit_bias"),  # the same token id twice
+        ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 5}}}}, "response_format"),
+    ]:
+        req = parse_request(_body(**fields))
+        with pytest.raises(APIError) as e:
+            req.sampling_params()
+        assert (e.value.status, e.value.code, e.value.param) == (400, "invalid_request", param), e.value.message
+
+
 # ---- image URLs ------------------------------------------------------------------------------------------------------
 def test_data_urls():
     raw = bytes(range(256)) * 10
