@@ -10,6 +10,7 @@ import pyarrow as pa
 import pytest
 
 from demo.samples import png_page
+from pipelines.messages import sampling_kwargs, split_messages
 from pipelines.processor import (
     REQUEST,
     Engine,
@@ -18,8 +19,6 @@ from pipelines.processor import (
     Prepare,
     Preprocess,
     build_processor,
-    sampling_kwargs,
-    split_messages,
 )
 
 from . import processor_helpers
