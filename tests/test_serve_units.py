@@ -50,6 +50,18 @@ def test_serve_args_refuse_unknown_keys():
         ServeArgs.model_validate({"limits": {"max_image_byte": 4}})
 
 
+def test_the_replica_engine_gets_the_feature_cache_cap_of_the_serve_args(tiny_checkpoint):
+    from deployments.app import load_engine
+
+    engine = load_engine(ServeArgs(checkpoint=str(tiny_checkpoint), device="cpu", max_slots=1, feature_cache_mb=3))
+    try:
+        assert engine.features.max_bytes == 3 * 2**20
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="feature_cache_mb"):
+        ServeArgs(feature_cache_mb=-1)
+
+
 def test_application_from_the_yaml_builds_with_overrides():
     from ray.serve import Application
 
