@@ -111,18 +111,18 @@ def run_case(name: str, folder: Path, args) -> dict:
     import ray
 
     import pipelines.job as job
+    from pipelines.config import JobConfig
+    from pipelines.decode import DecodeConfig
     from pipelines.plan import plan_sources
     from pipelines.storage import Storage, list_sources
 
     CURRENT[0] = name
     report = Path(tempfile.mkdtemp(prefix=f"decode-mem-{name}-"))
-    config = job.JobConfig(
+    config = JobConfig(  # no checkpoint: the decode stage alone, at the default 448 windows
         inputs=(str(folder),),
         output=str(folder / "out"),
         prompts=("Transcribe.",),
-        checkpoint="unused",
-        dpi=args.dpi,
-        max_render_pixels=int(args.max_render_mp * 1e6),
+        decode=DecodeConfig(dpi=args.dpi, max_render_pixels=int(args.max_render_mp * 1e6)),
         decode_memory=args.decode_memory_mb * MB,
     )
     storage = Storage()

@@ -4,7 +4,7 @@
 
 Writes a Parquet manifest of `--documents` uris (single-page PNGs and 3-page PDFs; the files need not exist: planning
 never reads a document) and fake output parts holding every row of the first `--done` share of them, then runs the
-driver's planning (`pipelines.job.plan_job`: list the manifest, read the done ids, decide what is left) in a fresh
+driver's planning (`pipelines.plan.plan_job`: list the manifest, read the done ids, decide what is left) in a fresh
 subprocess and reports its time, the peak of Python allocations (tracemalloc) and the growth of peak RSS. The
 per-million figure scales the 100k measurement linearly (planning is linear in documents). Prints JSON, never asserts.
 """
@@ -83,13 +83,14 @@ def child(manifest: str, output: str) -> dict:
     pools started: one-time costs reported apart)."""
     import pyarrow as pa
 
-    from pipelines.job import JobConfig, plan_job
+    from pipelines.config import JobConfig
+    from pipelines.plan import plan_job
 
     rss_start = peak_rss_kib()
     with tempfile.TemporaryDirectory() as small:
         tiny = make_inputs(small, 10, 0.9, 0.2)
-        plan_job(JobConfig(inputs=(tiny["manifest"],), output=tiny["output"], prompts=(PROMPT,), checkpoint="unused"))
-    config = JobConfig(inputs=(manifest,), output=output, prompts=(PROMPT,), checkpoint="unused")
+        plan_job(JobConfig(inputs=(tiny["manifest"],), output=tiny["output"], prompts=(PROMPT,)))
+    config = JobConfig(inputs=(manifest,), output=output, prompts=(PROMPT,))  # planning needs no checkpoint
     rss0 = peak_rss_kib()
     tracemalloc.start()
     t0 = time.perf_counter()

@@ -40,21 +40,21 @@ def rss_bytes() -> int:
 
 def run(name: str, inputs: Path, checkpoint: str, args, work: Path) -> dict:
     import pipelines.job as job
+    from model.windows import WindowConfig
+    from pipelines.config import JobConfig
+    from pipelines.decode import DecodeConfig
+    from pipelines.generate import GenerateConfig
 
     report = work / f"decode-{name}"
     report.mkdir()
-    config = job.JobConfig(
+    config = JobConfig(
         inputs=(str(inputs),),
         output=str(work / f"out-{name}"),
         prompts=(PROMPT,),
-        checkpoint=checkpoint,
-        max_new_tokens=args.new_tokens,
-        dpi=72,
-        max_windows=4,
+        generate=GenerateConfig(checkpoint=checkpoint, max_new_tokens=args.new_tokens, max_slots=8),
+        decode=DecodeConfig(windows=WindowConfig(max_windows=4), dpi=72, pages_per_task=args.pages_per_task),
         batch_size=8,
-        max_slots=8,
         gpus_per_actor=0.0,
-        pages_per_task=args.pages_per_task,
         flush_seconds=5.0,
     )
     before = rss_bytes()

@@ -64,22 +64,25 @@ def bare_loop(checkpoint: str, files: list[Path], args) -> dict:
 
 
 def ray_job(checkpoint: str, folder: Path, out: Path, args) -> dict:
-    from pipelines.job import JobConfig, run_job
+    from model.windows import WindowConfig
+    from pipelines.config import JobConfig
+    from pipelines.decode import DecodeConfig
+    from pipelines.generate import GenerateConfig
+    from pipelines.job import run_job
 
     arrivals: list[tuple[float, int]] = []
     config = JobConfig(
         inputs=(str(folder),),
         output=str(out),
         prompts=(PROMPT,),
-        checkpoint=checkpoint,
-        max_new_tokens=args.new_tokens,
-        max_windows=args.max_windows,
+        generate=GenerateConfig(
+            checkpoint=checkpoint, max_new_tokens=args.new_tokens, max_slots=args.slots, torch_threads=args.threads
+        ),
+        decode=DecodeConfig(windows=WindowConfig(max_windows=args.max_windows)),
         batch_size=args.batch_size,
-        max_slots=args.slots,
         actors=(1, 1),
         gpus_per_actor=0.0,
         cpus_per_actor=args.threads,
-        torch_threads=args.threads,
         flush_seconds=1e9,
     )
     t0 = time.perf_counter()

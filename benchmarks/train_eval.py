@@ -59,15 +59,16 @@ def eval_engine(checkpoint: Path, rows: list[dict], base: Path, max_new_tokens: 
 def eval_batch_job(checkpoint: Path, manifest: Path, rows: list[dict], max_new_tokens: int) -> tuple[dict, dict]:
     import pyarrow.parquet as pq
 
-    from pipelines.job import JobConfig, ensure_ray, run_job
+    from pipelines.cluster import ensure_ray
+    from pipelines.config import JobConfig
+    from pipelines.generate import GenerateConfig
+    from pipelines.job import run_job
 
     ensure_ray()
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        run_job(
-            JobConfig(inputs=(str(manifest),), output=out, checkpoint=str(checkpoint), max_new_tokens=max_new_tokens),
-            progress=False,
-        )
+        generate = GenerateConfig(checkpoint=str(checkpoint), max_new_tokens=max_new_tokens)
+        run_job(JobConfig(inputs=(str(manifest),), output=out, generate=generate), progress=False)
         seconds = time.perf_counter() - t0
         table = pq.read_table(out).to_pylist()
     by_name = {Path(r["source_uri"]).name: r for r in table}
@@ -90,7 +91,7 @@ def eval_service(checkpoint: Path, rows: list[dict], base: Path, max_new_tokens:
 
     from deployments.app import compose
     from deployments.config import INGRESS_DEPLOYMENT, MODEL_DEPLOYMENT, ServeArgs
-    from pipelines.job import ensure_ray
+    from pipelines.cluster import ensure_ray
 
     ensure_ray()
     with socket.socket() as sock:

@@ -151,11 +151,11 @@ def _read_manifest() -> str:
 def _read(uri: str) -> list[dict]:
     import pyarrow.parquet as pq
 
-    from pipelines.output import output_parts
+    from pipelines.output import Output
     from pipelines.storage import S3Settings, Storage
 
-    fs, path = Storage(S3Settings.from_env()).resolve(uri)
-    return [r for part in output_parts(fs, path.rstrip("/")) for r in pq.read_table(part, filesystem=fs).to_pylist()]
+    out = Output(uri, Storage(S3Settings.from_env()))
+    return [r for part in out.parts() for r in pq.read_table(part, filesystem=out.fs).to_pylist()]
 
 
 if __name__ == "__main__":

@@ -232,22 +232,39 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
 
 
 def job_config(args: argparse.Namespace):
+    from model.windows import WindowConfig
     from runtime.checkpoints import resolve_checkpoint
 
-    from .job import JobConfig
+    from .config import JobConfig
+    from .decode import DecodeConfig
+    from .generate import GenerateConfig
     from .storage import S3Settings
 
     return JobConfig(
         inputs=tuple(args.inputs),
         output=args.output,
         prompts=tuple(prompts_of(args)),
-        checkpoint=str(resolve_checkpoint(args.checkpoint, random=args.random)),  # prints a banner when defaulted
-        max_new_tokens=args.max_new_tokens,
-        dpi=args.dpi,
-        max_pages=args.max_pages,
-        max_windows=args.max_windows,
-        max_render_pixels=int(args.max_render_mp * 1e6),
-        pages_per_task=args.pages_per_task,
+        generate=GenerateConfig(
+            checkpoint=str(resolve_checkpoint(args.checkpoint, random=args.random)),  # a banner when defaulted
+            max_new_tokens=args.max_new_tokens,
+            max_slots=args.max_slots,
+            quantize=args.quantize,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            repetition_penalty=args.repetition_penalty,
+            no_repeat_ngram_size=args.no_repeat_ngram_size,
+            repetition_guard=not args.no_repetition_guard,
+            temperature_ladder=tuple(args.temperature_ladder),
+            max_attempts=args.max_attempts,
+        ),
+        decode=DecodeConfig(
+            windows=WindowConfig(max_windows=args.max_windows),
+            dpi=args.dpi,
+            max_pages=args.max_pages,
+            max_render_pixels=int(args.max_render_mp * 1e6),
+            pages_per_task=args.pages_per_task,
+            use_pdf_text=args.use_pdf_text,
+            pdf_text_min_chars=args.pdf_text_min_chars,
+        ),
         decode_memory=args.decode_memory_mb * 2**20,
         actors=tuple(args.actors),
         gpus_per_actor=args.gpus_per_actor,
@@ -255,9 +272,6 @@ def job_config(args: argparse.Namespace):
         decode_cpus=args.decode_cpus,
         wait_for_resources=args.wait_for_resources,
         batch_size=args.batch_size,
-        max_slots=args.max_slots,
-        quantize=args.quantize,
-        gpu_memory_utilization=args.gpu_memory_utilization,
         resume=not args.no_resume,
         rows_per_file=args.rows_per_file,
         flush_seconds=args.flush_seconds,
@@ -270,13 +284,6 @@ def job_config(args: argparse.Namespace):
         ),
         ray_progress=args.ray_progress,
         documents_out=args.documents_out,
-        use_pdf_text=args.use_pdf_text,
-        pdf_text_min_chars=args.pdf_text_min_chars,
-        repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size,
-        repetition_guard=not args.no_repetition_guard,
-        temperature_ladder=tuple(args.temperature_ladder),
-        max_attempts=args.max_attempts,
         server=server_settings(args),
     )
 

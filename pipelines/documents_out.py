@@ -37,9 +37,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from .output import output_parts
+from .output import Output
 from .rows import split_row_id
-from .storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +68,12 @@ def file_name(doc: str) -> str:
 
 
 def write_documents(
-    fs: pafs.FileSystem,
-    out: str,
-    storage: Storage,
-    documents_out: str,
-    document_prompts: pa.Table,
-    budget_bytes: int = 256 * 2**20,
+    output: Output, documents_out: str, document_prompts: pa.Table, budget_bytes: int = 256 * 2**20
 ) -> dict:
     """Build DIR/documents.jsonl and DIR/text/*.md for the listed documents (`plan.document_prompts`: one row per
-    listed doc, uri and prompt, with its listing `order`) from the parts in `out`; returns totals."""
-    dfs, dpath = storage.resolve(documents_out)
+    listed doc, uri and prompt, with its listing `order`) from the parts in `output`; returns totals."""
+    fs = output.fs
+    dfs, dpath = output.storage.resolve(documents_out)
     dpath = dpath.rstrip("/")
     local = isinstance(dfs, pafs.LocalFileSystem)
     if local:
@@ -88,7 +83,7 @@ def write_documents(
     ordered = document_prompts.sort_by("order").select(["doc", "uri", "prompt"]).to_pydict()
     for doc, uri, prompt in zip(ordered["doc"], ordered["uri"], ordered["prompt"], strict=True):
         wanted.setdefault(doc, (uri, prompt))
-    parts = output_parts(fs, out)
+    parts = output.parts()
 
     sizes: dict[str, int] = defaultdict(int)  # pass 1: text bytes of each document, to group documents by budget
     for part in parts:

@@ -29,7 +29,6 @@ import pyarrow as pa
 import torch
 
 from model.engine import Engine, EngineConfig, Request, Result
-from model.processor import checkpoint_windows
 from model.sampling import SamplingParams
 from model.windows import PageViews, WindowConfig, feature_key
 
@@ -40,9 +39,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    checkpoint: str
+    checkpoint: str = ""  # official-layout folder; required to load the engine
     max_new_tokens: int = 512
-    max_windows: int = 16
     max_slots: int = 16  # with gpu_memory_utilization: an upper bound
     quantize: str = "none"  # weights: none | int8 | int4 | fp8 (model/quantize.py)
     gpu_memory_utilization: float | None = None  # size slots and the ViT batch to this fraction of the card
@@ -58,12 +56,16 @@ class GenerateConfig:
     max_attempts: int = 1 + len(LADDER)  # per row, the first (greedy) attempt included; 1 = never retry
 
     def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.max_attempts < 1:
             raise ValueError(f"--max-attempts must be >= 1, got {self.max_attempts}")
         if self.max_attempts > 1 and not self.temperature_ladder:
             raise ValueError("--temperature-ladder is empty but --max-attempts allows retries")
         if any(t < 0 for t in self.temperature_ladder):
             raise ValueError(f"--temperature-ladder temperatures must be >= 0, got {self.temperature_ladder}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"--repetition-penalty must be > 0, got {self.repetition_penalty}")
 
     def temperature(self, attempt: int) -> float:
         """Attempt 1 is greedy (the job's answer when nothing loops); attempt k >= 2 climbs the ladder."""
@@ -85,9 +87,10 @@ class GenerateConfig:
 
 
 class GenerateStage:
-    """Loads the engine once per actor (on first use); `__call__` maps a batch of DECODED rows to OUTPUT rows."""
+    """Loads the engine once per actor (on first use); `__call__` maps a batch of DECODED rows to OUTPUT rows.
+    `windows`: those the decode stage cut the pages into (resolved once from the checkpoint by whoever built both)."""
 
-    def __init__(self, config: GenerateConfig):
+    def __init__(self, config: GenerateConfig, windows: WindowConfig):
         from runtime.metrics import Metrics
 
         self.config = config
@@ -95,8 +98,7 @@ class GenerateStage:
         if self.device == "cpu" and config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         self.metrics = Metrics(frontend="batch", backend=config.metrics)
-        # as the decode stage cut the pages (window size from the checkpoint)
-        self.windows = checkpoint_windows(config.checkpoint, WindowConfig(max_windows=config.max_windows))
+        self.windows = windows
         self.model_name = config.model_name or Path(config.checkpoint).name
         self._engine: Engine | None = None
 
@@ -109,7 +111,7 @@ class GenerateStage:
                 # one slot keeps the thumbnail and every window of a page
                 config=EngineConfig(
                     max_slots=self.config.max_slots,
-                    max_views=self.config.max_windows + 1,
+                    max_views=self.windows.max_windows + 1,
                     quantize=self.config.quantize,
                     gpu_memory_utilization=self.config.gpu_memory_utilization,
                 ),

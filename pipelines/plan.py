@@ -1,4 +1,7 @@
-"""Resume planning: listed sources + the ids already written -> the documents (and pages) still to do.
+"""Planning a job before any work: listed sources + the ids already written -> the documents (and pages) still to do.
+
+`plan_job` lists a job's inputs, reads what its output already holds and returns the `Plan`; it writes nothing, and
+every check that can refuse the job runs here.
 
 Everything here is Arrow, never a Python object per document or per row: a million listed documents and the ids of
 the rows already written are columns of strings, joined and grouped by Arrow's hash kernels (benchmarks/
@@ -7,12 +10,19 @@ driver_scale.py measures it). Python objects exist only for the ids the writer m
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .config import JobConfig
+from .output import Output
 from .rows import doc_key, prompt_key
-from .storage import SINGLE_PAGE_SUFFIXES, sources_table
+from .storage import SINGLE_PAGE_SUFFIXES, Storage, list_sources, sources_table
+
+log = logging.getLogger(__name__)
 
 # One decode-stage record per document left: its prompts, and the "page:prompt_hash" keys already written.
 SOURCE_SCHEMA = pa.schema(
@@ -138,3 +148,42 @@ def plan_sources(sources, prompts: tuple[str, ...], done) -> tuple[pa.Table, int
     Returns (records, documents skipped as complete)."""
     records, skipped, _ = plan_documents(document_prompts(sources, prompts), pa.array(list(done), pa.string()))
     return records, skipped
+
+
+@dataclass
+class Plan:
+    """What the driver decided before any work: the documents left (SOURCE_SCHEMA records) and what is done."""
+
+    documents: int  # listed
+    rows_done: int  # ids already in the output
+    skipped: int  # documents complete, not even read
+    records: pa.Table  # decode-stage records, one per document left
+    seen: set[str]  # ids of the documents left already written: the writer must never write them again
+    document_prompts: pa.Table  # every listed (doc, uri, prompt) in listing order (`document_prompts`)
+
+
+def plan_job(config: JobConfig, output: Output | None = None, sources=None) -> Plan:
+    """List the inputs, read the ids already written, and keep what is left; writes nothing. Raises ValueError for
+    what refuses the job and StorageUnavailable when storage stays down. `output`: the job's, resolved (default: from
+    `config`); `sources`: a SOURCES_SCHEMA table or Source objects instead of listing `config.inputs`."""
+    output = output or Output(config.output, Storage(config.s3))
+    if output.s3 and "/" not in output.path:
+        raise ValueError(f"--output {config.output}: give a prefix inside the bucket, e.g. s3://bucket/results/")
+    if output.storage.kind(config.output) == "file":
+        raise ValueError(f"--output {config.output} is a file; give a folder (or an s3:// prefix)")
+    sources = list_sources(list(config.inputs), output.storage) if sources is None else sources
+    documents = document_prompts(sources, config.prompts)  # every check that can refuse the job, before any write
+    listed = pc.count_distinct(documents["doc"]).as_py()
+
+    # --no-resume deletes the earlier parts (once the job is accepted): nothing counts as done
+    done = output.done_ids() if config.resume else pa.chunked_array([], pa.string())
+    records, skipped, seen = plan_documents(documents, done)
+    log.info(
+        "%d documents listed; %d rows already in %s; %d documents complete, %d to process",
+        listed,
+        len(done),
+        config.output,
+        skipped,
+        records.num_rows,
+    )
+    return Plan(listed, len(done), skipped, records, seen, documents)

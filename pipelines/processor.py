@@ -55,6 +55,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from model.windows import WindowConfig
+
+from .cluster import cpu_engine_args
 from .decode import DecodeConfig, classify
 from .generate import GenerateConfig, GenerateStage
 from .messages import IMAGE_TYPE, cut_image, image_url, sampling_kwargs, split_messages
@@ -147,6 +150,13 @@ class InfimmProcessorConfig:
         kw = {"max_views": self.max_windows + 1, **self.engine_kwargs}  # a slot keeps every view of a page
         return EngineConfig(**kw)
 
+    def windows(self) -> WindowConfig:
+        """What a row's images are cut into: `max_windows` at the window size of the checkpoint's ViT (its
+        config.json). Resolved once when the processor is applied; the Prepare tasks and the engine actors get it."""
+        from model.processor import checkpoint_windows
+
+        return checkpoint_windows(self.checkpoint, WindowConfig(max_windows=self.max_windows))
+
 
 def _raise_or(config: InfimmProcessorConfig, error_type: str, message: str) -> tuple[str, str]:
     if not config.should_continue_on_error:
@@ -180,14 +190,11 @@ class Preprocess:
 
 
 class Prepare:
-    """Ray tasks (CPU): REQUEST -> IMAGES, PROMPT, SAMPLING, or an error. Unit tests call it on a pyarrow table."""
+    """Ray tasks (CPU): REQUEST -> IMAGES, PROMPT, SAMPLING, or an error. Unit tests call it on a pyarrow table.
+    `windows`: `config.windows()`, resolved by whoever also builds the engine stage."""
 
-    def __init__(self, config: InfimmProcessorConfig):
-        from model.processor import checkpoint_windows
-        from model.windows import WindowConfig
-
+    def __init__(self, config: InfimmProcessorConfig, windows: WindowConfig):
         self.config = config
-        windows = checkpoint_windows(config.checkpoint, WindowConfig(max_windows=config.max_windows))
         self.decode = DecodeConfig(windows=windows, dpi=config.dpi, max_render_pixels=config.max_render_pixels)
         self.storage = Storage(config.s3)
 
@@ -232,18 +239,13 @@ class Engine(GenerateStage):
     """The engine actor: the batch job's GenerateStage (loading, metrics, one-by-one retry of a failing batch) with
     the engine built from the processor's settings, over rows that already hold their views and checked parameters."""
 
-    def __init__(self, config: InfimmProcessorConfig):
+    def __init__(self, config: InfimmProcessorConfig, windows: WindowConfig):
         self.processor_config = config
         threads = config.torch_threads or max(1, int(config.cpus_per_replica))
-        super().__init__(
-            GenerateConfig(
-                checkpoint=config.checkpoint,
-                max_windows=config.max_windows,
-                device=config.device,
-                torch_threads=threads,
-                metrics=config.metrics,
-            )
+        generate = GenerateConfig(
+            checkpoint=config.checkpoint, device=config.device, torch_threads=threads, metrics=config.metrics
         )
+        super().__init__(generate, windows)
         self._engine_config = config.engine_config()
 
     @property
@@ -412,11 +414,11 @@ class Processor:
         engine_args: dict = {"num_gpus": gpus, "num_cpus": cfg.cpus_per_replica}
         if cfg.accelerator_type:
             engine_args["accelerator_type"] = cfg.accelerator_type
-        if gpus == 0:  # passive OpenMP waiting leaves the cores to the decode tasks (pipelines/job.py)
-            engine_args["runtime_env"] = {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}}
+        engine_args |= cpu_engine_args(gpus)  # an engine on the CPU leaves the cores to the decode tasks
+        windows = cfg.windows()  # once: the Prepare tasks cut into what the engine actors read
         ds = dataset.map(self.preprocess, **self.preprocess_map_kwargs)
         ds = ds.map_batches(
-            Prepare(cfg),  # an instance: Ray tasks, as the batch job's decode stage
+            Prepare(cfg, windows),  # an instance: Ray tasks, as the batch job's decode stage
             batch_size=1,  # one row per task: a row's images are its whole cost, so tasks stay even
             batch_format="pyarrow",
             num_cpus=cfg.prepare_cpus,
@@ -434,7 +436,7 @@ class Processor:
             return ds.map(self.postprocess, **self.postprocess_map_kwargs)
         ds = ds.map_batches(
             Engine,
-            fn_constructor_args=(cfg,),
+            fn_constructor_args=(cfg, windows),
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
             compute=ActorPoolStrategy(**cfg.pool),

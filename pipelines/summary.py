@@ -12,11 +12,10 @@ import logging
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from .output import Output
 from .rows import OUTPUT_SCHEMA
-from .storage import Retry
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +23,11 @@ _COLUMNS = ["id", "source_uri", "page", "error_type", "prompt_tokens", "completi
 _EMPTY = pa.schema([OUTPUT_SCHEMA.field(c) for c in _COLUMNS]).empty_table()
 
 
-def summarize(
-    fs: pafs.FileSystem,
-    path: str,
-    output_uri: str,
-    run: dict,
-    model: str = "",
-    random_weights: bool = False,
-    retry: Retry = Retry(),
-) -> dict:
+def summarize(output: Output, run: dict, model: str = "", random_weights: bool = False) -> dict:
     """Totals over every part, computed in Arrow (a million rows stay columns, not Python objects)."""
-    from .output import output_parts
-
     parts = [
-        retry(f"reading {part}", pq.read_table, part, columns=_COLUMNS, filesystem=fs)
-        for part in output_parts(fs, path, retry)
+        output.retry(f"reading {part}", pq.read_table, part, columns=_COLUMNS, filesystem=output.fs)
+        for part in output.parts()
     ]
     t = pa.concat_tables(parts, promote_options="permissive") if parts else _EMPTY
     errors = t["error_type"].drop_null().value_counts()
@@ -51,7 +40,7 @@ def summarize(
     windows = {int(k.as_py()): c.as_py() for k, c in zip(hist.field("values"), hist.field("counts"), strict=True)}
     n_error = sum(errors_by_type.values())
     return {
-        "output": output_uri,
+        "output": output.uri,
         "model": model,
         "random_weights": random_weights,
         "rows": t.num_rows,
@@ -71,16 +60,14 @@ def summarize(
     }
 
 
-def write_summary(fs: pafs.FileSystem, path: str, summary: dict, retry: Retry = Retry()) -> None:
-    from .output import write_bytes
-
-    write_bytes(fs, f"{path}/_summary.json", json.dumps(summary, indent=2).encode(), retry)
+def write_summary(output: Output, summary: dict) -> None:
+    output.write_bytes("_summary.json", json.dumps(summary, indent=2).encode())
     try:
         png = plot(summary)
     except Exception:  # noqa: BLE001 - a missing font or backend must not fail a finished job
         log.exception("could not draw the summary plot")
         return
-    write_bytes(fs, f"{path}/_summary.png", png, retry)
+    output.write_bytes("_summary.png", png)
 
 
 def plot(summary: dict) -> bytes:

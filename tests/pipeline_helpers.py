@@ -9,18 +9,21 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from model.windows import WindowConfig
+from pipelines.config import JobConfig
 from pipelines.decode import DecodeConfig, DecodePages
-from pipelines.job import JobConfig, output_parts
+from pipelines.generate import GenerateConfig
+from pipelines.output import Output
 from pipelines.rows import split_row_id
 from pipelines.storage import S3Settings, Storage
 
 # Small everywhere: 4 new tokens, at most 4 windows, PDFs at 72 dpi; several engine calls per job (batch of 2 pages).
+# Flat, as the flags name them: `with_settings` puts each where the job's config holds it.
 TEST_SETTINGS = dict(
     max_new_tokens=4,
     max_windows=4,
@@ -35,15 +38,25 @@ PROMPT = "Transcribe the text of this page."
 
 
 def config(checkpoint, inputs, output, **kw) -> JobConfig:
+    """The small job on these inputs; `kw` as for `with_settings`."""
     base = JobConfig(
-        inputs=tuple(str(i) for i in inputs),
-        output=str(output),
-        prompts=(PROMPT,),
-        checkpoint=str(checkpoint),
-        s3=S3Settings.from_env(),
-        **TEST_SETTINGS,
+        inputs=tuple(str(i) for i in inputs), output=str(output), prompts=(PROMPT,), s3=S3Settings.from_env()
     )
-    return replace(base, **kw)
+    return with_settings(base, checkpoint=str(checkpoint), **{**TEST_SETTINGS, **kw})
+
+
+_GENERATE = {f.name for f in fields(GenerateConfig)}
+_DECODE = {f.name for f in fields(DecodeConfig)}
+
+
+def with_settings(cfg: JobConfig, **kw) -> JobConfig:
+    """`cfg` with each setting of `kw` where the config holds it: a field of JobConfig, of its generate or decode
+    config, or `max_windows` (of the decode windows)."""
+    generate = {k: kw.pop(k) for k in list(kw) if k in _GENERATE}
+    decode = {k: kw.pop(k) for k in list(kw) if k in _DECODE}
+    if "max_windows" in kw:
+        decode["windows"] = replace(decode.get("windows", cfg.decode.windows), max_windows=kw.pop("max_windows"))
+    return replace(cfg, generate=replace(cfg.generate, **generate), decode=replace(cfg.decode, **decode), **kw)
 
 
 # The same small job on the command line (`--actors 1,1` is the default, so a test may still pass its own pool)
@@ -88,11 +101,10 @@ def batch_parser() -> argparse.ArgumentParser:
 
 
 def read_rows(output: str, storage: Storage | None = None) -> list[dict]:
-    storage = storage or Storage(S3Settings.from_env())
-    fs, path = storage.resolve(output)
+    out = Output(output, storage or Storage(S3Settings.from_env()))
     rows = []
-    for part in output_parts(fs, path.rstrip("/")):
-        rows += pq.read_table(part, filesystem=fs).to_pylist()
+    for part in out.parts():
+        rows += pq.read_table(part, filesystem=out.fs).to_pylist()
     return rows
 
 

@@ -51,7 +51,9 @@ def test_batch_rows_and_documents_out_transcribe_held_out_pages(ray_session, tmp
     from PIL import Image
 
     from model.engine import Engine
-    from pipelines.job import JobConfig, run_job
+    from pipelines.config import JobConfig
+    from pipelines.generate import GenerateConfig
+    from pipelines.job import run_job
 
     pages = word_pages(11, seed=777)
     folder = tmp_path / "in"
@@ -67,8 +69,7 @@ def test_batch_rows_and_documents_out_transcribe_held_out_pages(ray_session, tmp
         inputs=(str(folder),),
         output=str(tmp_path / "out"),
         prompts=(DEMO_PROMPT,),
-        checkpoint=str(READER),
-        max_new_tokens=12,
+        generate=GenerateConfig(checkpoint=str(READER), max_new_tokens=12),
         documents_out=str(docs),
     )
     run_job(cfg, progress=False)

@@ -77,7 +77,7 @@ def test_a_library_caller_gets_a_loopback_local_ray():
     # `import ray`, because Ray reads it once, at import (ray_constants.ENABLE_RAY_CLUSTER).
     env = {k: v for k, v in os.environ.items() if k not in (LOOPBACK_ONLY, "RAY_ADDRESS")}
     code = (
-        "import sys, pipelines.job as j; assert 'ray' not in sys.modules, 'imported Ray early'; j.ensure_ray(); "
+        "import sys, pipelines.cluster as c; assert 'ray' not in sys.modules, 'imported Ray early'; c.ensure_ray(); "
         "import ray; from ray._private import ray_constants as c; "
         "print(c.ENABLE_RAY_CLUSTER, ray.util.get_node_ip_address()); ray.shutdown()"
     )

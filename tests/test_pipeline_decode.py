@@ -127,7 +127,7 @@ def test_a_long_pdf_is_decoded_by_many_tasks_in_many_blocks(tiny_checkpoint, ray
     from pipelines.plan import plan_sources
     from pipelines.storage import list_sources
 
-    cfg = config(tiny_checkpoint, [long_pdf / "long.pdf"], tmp_path / "out", pages_per_task=8)
+    cfg = config(tiny_checkpoint, [long_pdf / "long.pdf"], tmp_path / "out", pages_per_task=8).with_checkpoint_windows()
     records, _ = plan_sources(list_sources(list(cfg.inputs), Storage()), cfg.prompts, set())
     blocks = [
         b.column("page").to_pylist()
@@ -178,7 +178,8 @@ def test_the_decode_reservation_covers_the_bad_input_corpus(tiny_checkpoint, ray
     import logging
     import time
 
-    from pipelines.job import JobConfig, decoded_pages
+    from pipelines.config import JobConfig
+    from pipelines.job import decoded_pages
     from pipelines.plan import plan_sources
     from pipelines.storage import list_sources
 
@@ -199,7 +200,7 @@ def test_the_decode_reservation_covers_the_bad_input_corpus(tiny_checkpoint, ray
     try:
         outcome = {}
         for memory in (JobConfig.decode_memory, 64 * 2**20):
-            cfg = config(tiny_checkpoint, [docs], tmp_path / "out", decode_memory=memory)
+            cfg = config(tiny_checkpoint, [docs], tmp_path / "out", decode_memory=memory).with_checkpoint_windows()
             records, _ = plan_sources(list_sources(list(cfg.inputs), Storage()), cfg.prompts, set())
             warned.clear()
             rows = sum(b.num_rows for b in decoded_pages(records, cfg, Storage()).iter_batches(batch_format="pyarrow"))

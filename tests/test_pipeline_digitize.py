@@ -19,7 +19,7 @@ from pipelines.decode import DecodeConfig, usable_pdf_text
 from pipelines.documents_out import file_name, write_documents
 from pipelines.generate import GenerateConfig, GenerateStage
 from pipelines.job import run_job
-from pipelines.output import PartWriter
+from pipelines.output import Output, PartWriter
 from pipelines.plan import document_prompts
 from pipelines.rows import DECODED_SCHEMA, OUTPUT_SCHEMA, row_id
 from pipelines.storage import S3Settings, Source, Storage
@@ -34,6 +34,7 @@ from .pipeline_helpers import (
     config,
     decode,
     read_rows,
+    with_settings,
     write_files,
 )
 
@@ -162,7 +163,9 @@ def no_weights(tiny_checkpoint, tmp_path_factory):
 
 
 def rigged_stage(engine, checkpoint, **kw) -> GenerateStage:
-    stage = GenerateStage(GenerateConfig(checkpoint=str(checkpoint), device="cpu", metrics="none", **kw))
+    stage = GenerateStage(
+        GenerateConfig(checkpoint=str(checkpoint), device="cpu", metrics="none", **kw), DECODE.windows
+    )
     stage._engine = engine
     return stage
 
@@ -207,7 +210,7 @@ def test_a_page_that_loops_at_every_temperature_is_a_repetition_error_row(no_wei
 def test_pdf_text_pages_never_reach_the_engine(no_weights, tmp_path):
     (tmp_path / "digital.pdf").write_bytes(text_pdf(PAGES[:2]))
     pages = decode(tmp_path / "digital.pdf", prompts=(PROMPT, "Title?"), config=replace(DECODE, use_pdf_text="auto"))
-    stage = GenerateStage(GenerateConfig(checkpoint=str(no_weights), device="cpu", metrics="none"))
+    stage = GenerateStage(GenerateConfig(checkpoint=str(no_weights), device="cpu", metrics="none"), DECODE.windows)
     rows = stage(pa.Table.from_pylist(pages, DECODED_SCHEMA)).to_pylist()
     assert stage._engine is None  # never loaded: loading a checkpoint without weights would have raised
     assert [(r["page"], r["text"]) for r in rows] == [(1, PAGES[0]), (1, PAGES[0]), (2, PAGES[1]), (2, PAGES[1])]
@@ -226,9 +229,10 @@ def test_cli_flags_reach_the_job_and_survive_submit(tmp_path):
     again = parser.parse_args(["batch", "run", *run_argv(args)])
     for a in (args, again):
         cfg = job_config(a)
-        assert (cfg.documents_out, cfg.use_pdf_text, cfg.pdf_text_min_chars) == ("docs/", "auto", 20)
-        assert (cfg.repetition_penalty, cfg.no_repeat_ngram_size, cfg.repetition_guard) == (1.2, 6, False)
-        assert (cfg.temperature_ladder, cfg.max_attempts) == ((0.2, 0.8), 3)
+        d, g = cfg.decode, cfg.generate
+        assert (cfg.documents_out, d.use_pdf_text, d.pdf_text_min_chars) == ("docs/", "auto", 20)
+        assert (g.repetition_penalty, g.no_repeat_ngram_size, g.repetition_guard) == (1.2, 6, False)
+        assert (g.temperature_ladder, g.max_attempts) == ((0.2, 0.8), 3)
     with pytest.raises(ValueError, match="max-attempts"):
         job_config(parser.parse_args(["batch", "run", *flags[:8], "--max-attempts", "0"]))
     with pytest.raises(SystemExit):
@@ -251,9 +255,9 @@ def _row(doc, page, text, prompt=PROMPT, error=None):
 
 
 def test_documents_are_their_rows_in_page_order_whatever_the_parts_order(tmp_path):
-    fs, out = Storage().resolve(str(tmp_path / "out"))
-    fs.create_dir(out)
-    w = PartWriter(fs, out, set(), rows_per_file=3, flush_seconds=1e9)
+    out = Output(str(tmp_path / "out"), Storage())
+    out.create()
+    w = PartWriter(out, set(), rows_per_file=3, flush_seconds=1e9)
     rows = [
         _row("d1", 3, "third"),
         _row("odd/id:7", 1, "x"),
@@ -268,9 +272,7 @@ def test_documents_are_their_rows_in_page_order_whatever_the_parts_order(tmp_pat
     sources = [Source("/in/d1.pdf", doc_id="d1"), Source("/in/odd.pdf", doc_id="odd/id:7")]
     dest = tmp_path / "docs"
     for budget in (1 << 30, 1):  # one pass, and one document per pass: the same files
-        totals = write_documents(
-            fs, out, Storage(), str(dest), document_prompts(sources, (PROMPT, "Title?")), budget_bytes=budget
-        )
+        totals = write_documents(out, str(dest), document_prompts(sources, (PROMPT, "Title?")), budget_bytes=budget)
         lines = (dest / "documents.jsonl").read_text().splitlines()
         assert totals["documents"] == 2 and totals["passes"] == (1 if budget > 1 else 2)
         d1, odd = (json.loads(line) for line in lines)
@@ -295,25 +297,18 @@ def test_documents_are_their_rows_in_page_order_whatever_the_parts_order(tmp_pat
         assert "first" in md and "a title" not in md
         assert odd["metadata"]["text_path"] == f"text/{file_name('odd/id:7')}.md" and "/" not in file_name("odd/id:7")
     (dest / "text" / "stale.md").write_text("from an earlier listing")
-    write_documents(fs, out, Storage(), str(dest), document_prompts(sources[:1], (PROMPT,)))
+    write_documents(out, str(dest), document_prompts(sources[:1], (PROMPT,)))
     assert sorted(p.name for p in (dest / "text").iterdir()) == ["d1.md"]  # odd's and the stale file are gone
     assert [json.loads(line)["id"] for line in (dest / "documents.jsonl").read_text().splitlines()] == ["d1"]
 
 
 def test_documents_out_on_s3(s3_server):
     s3_server.create_bucket("docs-out")
-    storage = Storage(S3Settings.from_env())
-    fs, out = storage.resolve("s3://docs-out/rows/")
-    w = PartWriter(fs, out.rstrip("/"), set(), rows_per_file=2, flush_seconds=1e9)
+    out = Output("s3://docs-out/rows/", Storage(S3Settings.from_env()))
+    w = PartWriter(out, set(), rows_per_file=2, flush_seconds=1e9)
     w.add(pa.Table.from_pylist([_row("d", 2, "two"), _row("d", 1, "one"), _row("d", 3, "three")], OUTPUT_SCHEMA))
     w.flush()
-    totals = write_documents(
-        fs,
-        out.rstrip("/"),
-        storage,
-        "s3://docs-out/documents/",
-        document_prompts([Source("/in/d.pdf", "d")], (PROMPT,)),
-    )
+    totals = write_documents(out, "s3://docs-out/documents/", document_prompts([Source("/in/d.pdf", "d")], (PROMPT,)))
     assert totals["documents"] == 1 and totals["pages"] == 3
     client = s3_server.client()
     (line,) = client.get_object(Bucket="docs-out", Key="documents/documents.jsonl")["Body"].read().splitlines()
@@ -433,7 +428,7 @@ def test_the_ladder_on_the_real_engine_ends_loops(tiny_checkpoint, ray_session, 
 
     # a ladder that cannot help (greedy again): every looping page becomes a repetition error row
     looped = tuple(r["source_uri"] for r in retried)
-    stuck = replace(cfg, inputs=looped, output=str(tmp_path / "stuck"), temperature_ladder=(0.0,), max_attempts=2)
+    stuck = with_settings(cfg, inputs=looped, output=str(tmp_path / "stuck"), temperature_ladder=(0.0,), max_attempts=2)
     run_job(stuck, progress=False)
     again = {r["source_uri"]: r for r in read_rows(stuck.output)}
     assert set(again) == set(looped)

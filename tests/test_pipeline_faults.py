@@ -18,7 +18,9 @@ import pytest
 
 from demo import samples
 from demo.seaweed import SeaweedFS
-from pipelines.job import JobConfig, placement_problem, run_job
+from pipelines.cluster import placement_problem
+from pipelines.config import JobConfig
+from pipelines.job import run_job
 from pipelines.storage import (
     OutageClock,
     Retry,

@@ -12,7 +12,7 @@ import pytest
 from demo import samples
 from pipelines.decode import DecodeConfig, DecodePages
 from pipelines.generate import GenerateConfig, GenerateStage
-from pipelines.output import PartWriter, read_done_ids
+from pipelines.output import Output, PartWriter
 from pipelines.plan import plan_sources
 from pipelines.rows import DECODED_SCHEMA, ERROR_TYPES, OUTPUT_SCHEMA, doc_key, prompt_key, row_id, split_row_id
 from pipelines.storage import Source, Storage, list_sources
@@ -178,11 +178,11 @@ def stage(tiny_checkpoint):
         GenerateConfig(
             checkpoint=str(tiny_checkpoint),
             max_new_tokens=TEST_SETTINGS["max_new_tokens"],
-            max_windows=TEST_SETTINGS["max_windows"],
             max_slots=4,
             device="cpu",
             metrics="none",
-        )
+        ),
+        DECODE.windows,
     )
 
 
@@ -224,23 +224,57 @@ def _rows(ids):
 
 
 def test_writer_drops_repeated_ids_and_resume_reads_them_back(tmp_path):
-    fs, path = Storage().resolve(str(tmp_path))
-    w = PartWriter(fs, path, seen={"old"}, rows_per_file=3, flush_seconds=1e9)
+    out = Output(str(tmp_path), Storage())
+    w = PartWriter(out, seen={"old"}, rows_per_file=3, flush_seconds=1e9)
     w.add(_rows(["a", "b"]))
     assert not w.parts  # below rows_per_file: buffered
     w.add(_rows(["b", "c", "old", "d"]))
     w.flush()
     assert w.duplicates == 2 and len(w.parts) == 1
-    assert sorted(read_done_ids(fs, path).to_pylist()) == ["a", "b", "c", "d"]
+    assert sorted(out.done_ids().to_pylist()) == ["a", "b", "c", "d"]
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
 def test_an_unreadable_part_is_set_aside_not_counted(tmp_path):
-    fs, path = Storage().resolve(str(tmp_path))
     pq.write_table(_rows(["a"]), tmp_path / "part-1.parquet")
     (tmp_path / "part-2.parquet").write_bytes(b"PAR1 torn write")
-    assert read_done_ids(fs, path).to_pylist() == ["a"]
+    assert Output(str(tmp_path), Storage()).done_ids().to_pylist() == ["a"]
     assert os.listdir(tmp_path / "_incomplete") == ["part-2.parquet"]
+
+
+def test_job_json_keeps_the_flat_settings_of_earlier_runs(tmp_path, caplog):
+    """`_job.json` exactly as runs wrote it while JobConfig held every stage setting flat: such an output resumes
+    without a settings warning, and a changed setting still warns."""
+    from pipelines.job import prepare_output
+
+    from .pipeline_helpers import config, with_settings
+
+    earlier = {
+        "checkpoint": "/models/ckpt",
+        "max_new_tokens": 4,
+        "dpi": 72,
+        "max_windows": 4,
+        "quantize": "none",
+        "use_pdf_text": "never",
+        "pdf_text_min_chars": 50,
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "repetition_guard": True,
+        "temperature_ladder": [0.1, 0.3, 0.5, 0.7, 0.9, 1.0],
+        "max_attempts": 7,
+    }
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_job.json").write_text(json.dumps(earlier, indent=2))
+    (out / "part-earlier-00000.parquet").write_bytes(b"")  # settings are compared only when rows exist
+    cfg = config("/models/ckpt", ["in/"], out)
+    with caplog.at_level("WARNING", logger="pipelines.output"):
+        prepare_output(cfg, Output(cfg.output, Storage()))
+        assert "different settings" not in caplog.text
+        assert (out / "_job.json").read_text() == json.dumps(earlier, indent=2)
+        prepare_output(with_settings(cfg, dpi=100, max_windows=6), Output(cfg.output, Storage()))
+    assert "different settings" in caplog.text and "'dpi': (72, 100)" in caplog.text
+    assert "'max_windows': (4, 6)" in caplog.text
 
 
 def test_submit_replays_the_run_flags(tmp_path):

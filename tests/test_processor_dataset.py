@@ -32,8 +32,9 @@ def run_stages(config, rows: list[dict], preprocess=None, postprocess=None) -> l
     """The four stages in this process, as Ray would run them (unit level)."""
     pre = [Preprocess(preprocess)(r) for r in rows]
     table = pa.table({"id": [r["id"] for r in pre], REQUEST: [r[REQUEST] for r in pre]})
-    table = Prepare(config)(table)
-    table = Engine(config)(table)
+    windows = config.windows()
+    table = Prepare(config, windows)(table)
+    table = Engine(config, windows)(table)
     return [Postprocess(postprocess)(r) for r in table.to_pylist()]
 
 
@@ -108,7 +109,7 @@ def test_bad_rows_raise_when_asked(tiny_checkpoint):
     config = settings(tiny_checkpoint, should_continue_on_error=False)
     row = Preprocess(None)(user_row(b"not an image"))
     with pytest.raises(ValueError, match="decode_error: image 1: not a readable image"):
-        Prepare(config)(pa.table({REQUEST: [row[REQUEST]]}))
+        Prepare(config, config.windows())(pa.table({REQUEST: [row[REQUEST]]}))
 
 
 def test_a_multi_page_pdf_needs_a_page(tiny_checkpoint, pages):

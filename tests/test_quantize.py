@@ -284,15 +284,15 @@ def test_batch_stage_and_serve_replica_run_quantized(tiny_checkpoint, tmp_path):
         GenerateConfig(
             checkpoint=str(tiny_checkpoint),
             max_new_tokens=3,
-            max_windows=4,
             max_slots=2,
             device="cpu",
             metrics="none",
             quantize="int8",
-        )
+        ),
+        WindowConfig(max_windows=4),  # the tiny checkpoint's window size, as the decode stage below cuts
     )
     (tmp_path / "p.png").write_bytes(samples.png_page(0, (300, 400)))
-    decode = DecodePages(Storage(), DecodeConfig(windows=WindowConfig(max_windows=4), dpi=72))
+    decode = DecodePages(Storage(), DecodeConfig(windows=stage.windows, dpi=72))
     decoded = list(decode.pages({"uri": str(tmp_path / "p.png"), "doc": "d", "prompts": ["Read it."], "done": []}))
     rows = stage(pa.Table.from_pylist(decoded, schema=DECODED_SCHEMA)).to_pylist()
     assert stage.engine.model.quantization == "int8"

@@ -73,8 +73,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from demo import samples
-    from pipelines.job import JobConfig, run_job
-    from tests.pipeline_helpers import PROMPT, TEST_SETTINGS, read_rows, write_files
+    from pipelines.job import run_job
+    from tests.pipeline_helpers import config as job_config
+    from tests.pipeline_helpers import read_rows, write_files
 
     work = Path(args.workdir)
     docs = write_files(work / "docs", {f"p{i:02d}.png": samples.png_page(i, (300, 400)) for i in range(16)})
@@ -105,14 +106,14 @@ def main(argv=None) -> int:
                     cluster.add_node(**node)
                     result["replaced"] = True
 
-        settings = {**TEST_SETTINGS, "actors": (2, 2), "cpus_per_actor": 2.0, "decode_cpus": 0.5}
-        config = JobConfig(
-            inputs=(str(docs),),
-            output=str(out),
-            prompts=(PROMPT,),
-            checkpoint=args.checkpoint,
+        config = job_config(
+            args.checkpoint,
+            [docs],
+            out,
+            actors=(2, 2),
+            cpus_per_actor=2.0,
+            decode_cpus=0.5,
             pages_per_task=3,  # the PDF's pages spread over 4 decode tasks
-            **settings,
         )
         summary = run_job(config, progress=False, on_batch=kill_the_worker_node, ray_address=cluster.address)
         result["summary_run"] = {k: v for k, v in summary["run"].items() if k != "timeline"}
