@@ -100,7 +100,7 @@ class ServeArgs(BaseModel):
     max_windows_per_image: int = Field(16, ge=1, description="WindowConfig.max_windows; the batch pipeline's default")
     max_waiting: int | None = Field(None, ge=0, description="engine queue depth at which a replica answers 503")
     feature_cache_mb: int = Field(
-        1024, ge=0, description="encoded pages kept per replica for repeated images (LRU); the replica's RSS grows to it"
+        1024, ge=0, description="encoded pages a replica keeps for repeated images (LRU); its RSS grows to it"
     )
     # ingress
     limits: Limits = Field(default_factory=Limits)
