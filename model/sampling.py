@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 JSON_OBJECT = '{"type": "object"}'  # `json_schema` for OpenAI's response_format={"type": "json_object"}
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (`SamplingParams.greedy`)
 # JSON layout the grammar allows: Python's json.dumps spacing, no free whitespace (random or weak models otherwise fill
 # the budget with blanks between tokens); a schema may override it with its own "x-guidance" options.
 JSON_GRAMMAR_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -63,7 +64,7 @@ def _check_float(name: str, value, lo: float, hi: float) -> None:
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k
     seed: int | None = None
@@ -124,7 +125,10 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below GREEDY_BELOW a draw is all but always the argmax, and float32 logits divided by such a temperature
+        # overflow (one under float32's smallest number is 0 to the tensor): inf - inf = nan in the softmax, which
+        # failed the engine step of every request in flight. vLLM treats temperatures under 1e-5 as greedy too.
+        return self.temperature < GREEDY_BELOW
 
     @property
     def counts_tokens(self) -> bool:

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model.engine import Engine, EngineConfig, EngineObserver
-from model.sampling import JSON_OBJECT, BatchSampler, SamplingParams, SequenceState
+from model.sampling import GREEDY_BELOW, JSON_OBJECT, BatchSampler, SamplingParams, SequenceState, sample_tokens
 
 from .model_helpers import PAGES, QUESTIONS
 
@@ -173,7 +173,35 @@ def test_no_repeat_ngram_never_repeats_an_ngram(processor, n, vocab, steps, seed
     assert len(grams) == len(set(grams)), f"an {n}-gram repeats in {out}"
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    temperature=st.floats(0.0, 1e-3),
+    top_k=st.integers(0, 8),
+    top_p=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_temperature_near_zero_never_fails_and_below_the_line_is_greedy(temperature, top_k, top_p, seed):
+    """Logits far apart against a temperature near 0 (denormals included): never an error (dividing float32 logits by
+    such a temperature gave inf - inf = nan in the softmax and failed the engine step); below GREEDY_BELOW the draw
+    is the argmax, above it a token that was not banned."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, V, generator=g) * 30
+    logits[:, logits[1].argmax()] = float("-inf")  # a banned token, as logit_bias and n-gram bans leave them
+    params = [SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)] * 3
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(3)]
+    tokens = sample_tokens(logits.clone(), params, gens)
+    assert all(torch.isfinite(logits[row, t]) for row, t in enumerate(tokens))
+    if temperature < GREEDY_BELOW:
+        assert tokens == logits.argmax(-1).tolist()
+
+
 # ---- engine behaviour on the tiny random checkpoint ---------------------------------------------------------------
+def test_a_tiny_temperature_answers_like_greedy(engine):
+    plain = run(engine)
+    tiny = run(engine, temperature=4.8e-114, seed=1)
+    assert tiny.finish_reason == plain.finish_reason and tiny.token_ids == plain.token_ids
+
+
 def test_logit_bias_forces_and_bans(engine):
     plain = run(engine)
     forced = run(engine, logit_bias={42: 100})
